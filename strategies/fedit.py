@@ -1,0 +1,36 @@
+"""FedIT: the baseline. Average A and B separately, weighted by examples.
+
+Inexact by construction: sum_k p_k B_k A_k != (sum_k p_k B_k)(sum_k p_k A_k) once clients
+disagree, which is what FFA-LoRA, FedSVD and LoRA-FAIR each repair in their own way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedlora.lora import LoraState
+from strategies.base import LoraStrategy, weighted_sum
+
+
+def average_factors(updates: list[LoraState], weights: torch.Tensor, parts: str = "AB") -> LoraState:
+    """Per layer, the example-weighted mean of each factor part the updates carry."""
+    layers = updates[0].factors
+    return LoraState(
+        factors={
+            layer: {part: weighted_sum([u.factors[layer][part] for u in updates], weights) for part in parts}
+            for layer in layers
+        }
+    )
+
+
+# --- Flower strategy ---
+class FedIT(LoraStrategy):
+    """Clients train A and B; the server averages each factor separately."""
+
+    name = "fedit"
+    description = "baseline: clients train A and B, the server averages each separately"
+    trains = "AB"
+
+    def aggregate_factors(self, global_state: LoraState, updates: list[LoraState], weights: torch.Tensor) -> LoraState:
+        """A <- sum p_k A_k, B <- sum p_k B_k."""
+        return average_factors(updates, weights)
