@@ -65,8 +65,9 @@ def simulate(
 
 def run_with_progress(config: ExperimentConfig, run_dir: Path) -> dict:
     """Simulate with a live progress bar and a line per round."""
-    from fedlora.simulation import quiet_flower_logs, simulate as run_simulation
+    from fedlora.simulation import check_runnable, quiet_flower_logs, simulate as run_simulation
 
+    check_runnable(config)
     quiet_flower_logs()
     console.print(
         f"[bold]{config.strategy.name}[/bold]: {config.federation.num_clients} clients, "

@@ -88,7 +88,7 @@ def run_federation(
     clients = discover_clients(grid, config.federation.num_clients)
     strategy = build_strategy(config, clients)
     recorder = RunRecorder(run_dir, config)
-    state = strategy.initial_state(LoraState.from_model(model))
+    state = strategy.initial_state(workspace.initial_state(config, task.num_labels))
     strategy.summary()
 
     def evaluate_state(current: LoraState) -> tuple[float, float]:

@@ -32,9 +32,14 @@ def backend_config(config: ExperimentConfig) -> dict[str, Any]:
     }
 
 
+def check_runnable(config: ExperimentConfig) -> None:
+    """Refuse, before anything starts, what only the registries can judge (strategy names)."""
+    strategy_class(config.strategy.name)
+
+
 def simulate(config: ExperimentConfig, run_dir: Path, on_round: RoundCallback | None = None) -> dict[str, Any]:
     """Run the experiment through `flwr.simulation.run_simulation`; returns the run summary."""
-    strategy_class(config.strategy.name)  # refuse an unknown strategy before starting Ray
+    check_runnable(config)
     errors: list[BaseException] = []
     # Ray workers inherit the environment: keep them from fighting over the cores, and keep
     # Ray from rewriting CUDA_VISIBLE_DEVICES for CPU-only clients (and warning about it).

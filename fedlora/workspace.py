@@ -19,6 +19,7 @@ from fedlora.data.builtin import TextExamples
 from fedlora.data.encode import EncodedExamples, encode_examples
 from fedlora.data.partition import partition_examples
 from fedlora.data.sources import LabelledData, load_data
+from fedlora.lora import LoraState
 from fedlora.model import build_lora_model, load_tokenizer
 
 
@@ -91,6 +92,17 @@ def lora_model(config: ExperimentConfig, num_labels: int) -> PeftModel:
 def _lora_model(model_json: str, num_labels: int, seed: int) -> PeftModel:
     config = ExperimentConfig.model_validate({"model": _loads(model_json)})
     return build_lora_model(config.model, num_labels, seed)
+
+
+def initial_state(config: ExperimentConfig, num_labels: int) -> LoraState:
+    """The adapter and head as freshly initialized from the seed (the cached model moves on)."""
+    return _initial_state(config.model.model_dump_json(), num_labels, config.seed).clone()
+
+
+@lru_cache(maxsize=2)
+def _initial_state(model_json: str, num_labels: int, seed: int) -> LoraState:
+    config = ExperimentConfig.model_validate({"model": _loads(model_json)})
+    return LoraState.from_model(build_lora_model(config.model, num_labels, seed))
 
 
 def _loads(text: str) -> dict:

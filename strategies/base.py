@@ -251,7 +251,6 @@ class LoraStrategy(Strategy):
         arrays = content.array_records.get(ARRAYS_KEY)
         if arrays is None:
             return "reply has no arrays"
-        self.last_round.bytes_up += sum(len(a.data) for a in arrays.values())
         num_examples = int(metrics.get(NUM_EXAMPLES, 0))
         if num_examples <= 0:
             return f"{NUM_EXAMPLES} must be positive, got {num_examples}"
@@ -259,6 +258,8 @@ class LoraStrategy(Strategy):
             state = LoraState.from_array_record(arrays)
         except LoraRecordError as err:
             return str(err)
+        # Tensor payload bytes (as for the downlink), not counting serialization headers.
+        self.last_round.bytes_up += state.num_bytes()
         problem = check_against(state, self.global_state, self.trains, self.train_head)
         if problem:
             return problem
