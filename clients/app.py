@@ -2,9 +2,10 @@
 
 Handlers:
 - query: tells the server which client this node is (its partition) and how much data it holds;
-- train: loads the broadcast LoraState, trains what the message's config names, replies with
-  the trained factors only, plus metrics (num-examples, train-loss, seconds) and the digest of
-  the A factors it trained with;
+- train: loads the broadcast LoraState, trains what the message's config names (under DP-SGD
+  when it carries dp-* settings), replies with the trained factors only, plus metrics
+  (num-examples, train-loss, seconds, cumulative epsilon) and the digest of the A it used; a
+  client whose privacy budget cannot afford the round replies `refused` instead;
 - evaluate: accuracy and loss of the broadcast state on the client's own examples.
 
 In simulation the experiment config comes from `build_client_app(config)`; deployed with
@@ -18,13 +19,15 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.trainer import TrainPlan, train_local
+from clients.trainer import TrainPlan, poisson_sample_rate, train_local, train_local_private
 from fedlora import workspace
 from fedlora.config import ExperimentConfig, derive_seed, experiment_from_run_config
 from fedlora.lora import LoraState
 from fedlora.model import evaluate, seeded
+from fedlora.privacy import DPSettings, PrivacyLedger
 
 ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, INFO_KEY = "arrays", "config", "metrics", "info"
+LEDGER_KEY = "privacy-ledger"  # in context.state: the client's DP accountant history
 APP_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -68,20 +71,56 @@ def handle_train(message: Message, context: Context, experiment: ExperimentConfi
         batch_size=int(config["batch-size"]),
         seed=derive_seed(experiment.seed, client_id, server_round),
     )
-    with seeded(plan.seed):  # dropout draws from the global generator
-        result = train_local(model, examples, plan)
-    trained = LoraState.from_model(model).select(plan.trains, plan.train_head)
-    metrics = MetricRecord(
-        {
-            "num-examples": len(examples),
-            "train-loss": result.loss,
-            "train-steps": result.steps,
-            "train-seconds": result.seconds,
-        }
-    )
+    metrics: dict[str, float] = {"num-examples": len(examples)}
     info = ConfigRecord({"a-digest": broadcast.digest("A"), "client-id": client_id})
-    content = RecordDict({ARRAYS_KEY: trained.to_array_record(), METRICS_KEY: metrics, INFO_KEY: info})
+    settings = DPSettings.from_config(config)
+    with seeded(plan.seed):  # dropout and DP noise draw from the global generator
+        if settings is None:
+            result = train_local(model, examples, plan)
+        else:
+            ledger = restore_ledger(context, settings, len(examples), plan.batch_size)
+            metrics.update(privacy_metrics(ledger, settings))
+            if not ledger.can_afford(settings, plan.local_steps):
+                return refusal(message, metrics, info, ledger, settings, plan.local_steps)
+            result = train_local_private(model, examples, plan, settings, ledger)
+            context.state[LEDGER_KEY] = ledger.to_record()
+            metrics.update(privacy_metrics(ledger, settings))
+    metrics.update({"train-loss": result.loss, "train-steps": result.steps, "train-seconds": result.seconds})
+    content = RecordDict(
+        {ARRAYS_KEY: result.state.select(plan.trains, plan.train_head).to_array_record(), METRICS_KEY: MetricRecord(metrics), INFO_KEY: info}
+    )
     return Message(content, reply_to=message)
+
+
+def restore_ledger(context: Context, settings: DPSettings, num_examples: int, batch_size: int) -> PrivacyLedger:
+    """This client's ledger from earlier rounds, or a new one calibrated for the planned steps."""
+    record = context.state.config_records.get(LEDGER_KEY)
+    ledger = PrivacyLedger.from_record(record) if record is not None else PrivacyLedger(accountant=settings.accountant)
+    if not ledger.calibrated:
+        ledger.calibrate(settings, poisson_sample_rate(num_examples, batch_size))
+        context.state[LEDGER_KEY] = ledger.to_record()
+    return ledger
+
+
+def privacy_metrics(ledger: PrivacyLedger, settings: DPSettings) -> dict[str, float]:
+    """The client's cumulative privacy figures, for the reply."""
+    return {
+        "epsilon": ledger.epsilon(settings.delta),
+        "delta": settings.delta,
+        "noise-multiplier": ledger.noise_multiplier,
+        "sample-rate": ledger.sample_rate,
+        "dp-steps": ledger.steps,
+    }
+
+
+def refusal(
+    message: Message, metrics: dict[str, float], info: ConfigRecord, ledger: PrivacyLedger, settings: DPSettings, steps: int
+) -> Message:
+    """Reply that this client will not train: another round would exceed its budget."""
+    after = ledger.epsilon(settings.delta, steps)
+    info["refused-reason"] = f"privacy budget: epsilon would reach {after:.3f} > {settings.epsilon:g}"
+    metrics["refused"] = 1.0
+    return Message(RecordDict({METRICS_KEY: MetricRecord(metrics), INFO_KEY: info}), reply_to=message)
 
 
 def handle_evaluate(message: Message, context: Context, experiment: ExperimentConfig) -> Message:

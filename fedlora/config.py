@@ -123,6 +123,10 @@ class PrivacyConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     accountant: Literal["prv", "rdp"] = "prv"
     grad_sample_mode: Literal["hooks", "ghost", "functorch", "ew"] = "hooks"
+    # Rounds a client plans to join, for calibrating its noise; None: every round (a client
+    # can then never run out of budget). Fewer rounds: less noise, and clients sampled more
+    # often than planned refuse to train once their budget is spent.
+    planned_rounds: int | None = Field(None, ge=1)
 
 
 class AttackConfig(_Section):

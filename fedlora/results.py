@@ -39,6 +39,8 @@ class RoundRecord:
     server_seconds: float = 0.0
     client_seconds: float = 0.0
     train_loss: float | None = None
+    epsilon_max: float | None = None  # over every client that has trained so far (cumulative)
+    epsilon_mean: float | None = None
     clients: list[int] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     refused: list[dict[str, Any]] = field(default_factory=list)

@@ -24,6 +24,7 @@ from fedlora import workspace
 from fedlora.config import ExperimentConfig, experiment_from_run_config
 from fedlora.lora import LoraState
 from fedlora.model import evaluate, export_adapter
+from fedlora.privacy import DPSettings
 from fedlora.results import RoundRecord, RunRecorder
 from strategies import build_strategy
 from strategies.base import LoraStrategy
@@ -67,7 +68,7 @@ def discover_clients(grid: Grid, expected: int, timeout: float = CONNECT_TIMEOUT
 
 def train_config(config: ExperimentConfig, num_labels: int) -> ConfigRecord:
     """What every train message tells clients, beside what the strategy adds."""
-    return ConfigRecord(
+    record = ConfigRecord(
         {
             "local-steps": config.federation.local_steps,
             "lr": config.federation.lr,
@@ -75,6 +76,49 @@ def train_config(config: ExperimentConfig, num_labels: int) -> ConfigRecord:
             "num-labels": num_labels,
         }
     )
+    if config.privacy.enabled:
+        record.update(dp_settings(config).to_config())
+    return record
+
+
+def dp_settings(config: ExperimentConfig) -> DPSettings:
+    """The DP-SGD settings clients get, with the steps each plans for over the run."""
+    privacy = config.privacy
+    planned_rounds = privacy.planned_rounds or config.federation.rounds
+    return DPSettings(
+        epsilon=privacy.epsilon,
+        delta=privacy.delta,
+        max_grad_norm=privacy.max_grad_norm,
+        accountant=privacy.accountant,
+        grad_sample_mode=privacy.grad_sample_mode,
+        planned_steps=planned_rounds * config.federation.local_steps,
+    )
+
+
+class PrivacyBoard:
+    """The latest privacy figures each client reported (its epsilon is cumulative)."""
+
+    FIELDS = ("epsilon", "delta", "noise-multiplier", "sample-rate", "dp-steps")
+
+    def __init__(self) -> None:
+        self.clients: dict[int, dict[str, float]] = {}
+
+    def update(self, client_metrics: dict[int, dict[str, float]]) -> None:
+        """Take this round's reports."""
+        for client, metrics in client_metrics.items():
+            if "epsilon" in metrics:
+                self.clients[client] = {k: metrics[k] for k in self.FIELDS if k in metrics}
+
+    def epsilon_max_mean(self) -> tuple[float | None, float | None]:
+        """Max and mean cumulative epsilon over the clients that have reported one."""
+        values = [c["epsilon"] for c in self.clients.values()]
+        if not values:
+            return None, None
+        return max(values), sum(values) / len(values)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per client: noise multiplier, sample rate, steps, epsilon, delta."""
+        return {str(client): dict(figures) for client, figures in sorted(self.clients.items())}
 
 
 def run_federation(
@@ -99,6 +143,7 @@ def run_federation(
     _emit(recorder, RoundRecord(round=0, accuracy=accuracy, loss=loss), on_round)
     arrays = state.to_array_record()
     base_config = train_config(config, task.num_labels)
+    privacy = PrivacyBoard()
     for server_round in range(1, config.federation.rounds + 1):
         round_started = time.perf_counter()
         messages = strategy.configure_train(server_round, arrays, base_config, grid)
@@ -110,6 +155,8 @@ def run_federation(
         eval_started = time.perf_counter()
         accuracy, loss = evaluate_state(state)
         log_ = strategy.last_round  # what the strategy saw this round
+        privacy.update(log_.client_metrics)
+        epsilon_max, epsilon_mean = privacy.epsilon_max_mean()
         record = RoundRecord(
             round=server_round,
             accuracy=accuracy,
@@ -121,6 +168,8 @@ def run_federation(
             server_seconds=log_.aggregate_seconds + (time.perf_counter() - eval_started),
             client_seconds=log_.client_seconds,
             train_loss=None if metrics is None else float(metrics["train-loss"]),
+            epsilon_max=epsilon_max,
+            epsilon_mean=epsilon_mean,
             clients=log_.accepted,
             rejected=log_.rejected,
             refused=log_.refused,
@@ -132,7 +181,12 @@ def run_federation(
     export_adapter(model, recorder.adapter_dir)
     return recorder.finish(
         time.perf_counter() - started,
-        {"strategy": config.strategy.name, "num_clients": len(clients), "run_dir": str(run_dir)},
+        {
+            "strategy": config.strategy.name,
+            "num_clients": len(clients),
+            "run_dir": str(run_dir),
+            "privacy": privacy.summary() if config.privacy.enabled else None,
+        },
     )
 
 

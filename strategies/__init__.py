@@ -10,8 +10,9 @@ from __future__ import annotations
 from fedlora.config import ConfigError, ExperimentConfig
 from strategies.base import LoraStrategy
 from strategies.fedit import FedIT
+from strategies.ffa_lora import FFALoRA
 
-STRATEGIES: dict[str, type[LoraStrategy]] = {cls.name: cls for cls in (FedIT,)}
+STRATEGIES: dict[str, type[LoraStrategy]] = {cls.name: cls for cls in (FedIT, FFALoRA)}
 
 
 def strategy_class(name: str) -> type[LoraStrategy]:

@@ -106,6 +106,7 @@ class LoraStrategy(Strategy):
         self.train_head = train_head
         self.global_state = LoraState()
         self.last_round = RoundLog()
+        self.server_round = 0
         self._sent_at = 0.0
 
     @classmethod
@@ -161,6 +162,7 @@ class LoraStrategy(Strategy):
     ) -> Iterable[Message]:
         """One train message per sampled client: the global state and what to train."""
         self.global_state = LoraState.from_array_record(arrays)
+        self.server_round = server_round
         config = ConfigRecord(dict(config))
         config["server-round"] = server_round
         config["train-factors"] = self.trains
