@@ -77,6 +77,43 @@ class LoraState:
                 h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
         return h.hexdigest()
 
+    # --- flat vectors (robust aggregation and attacks work on updates as vectors) ---------
+    def flatten(self) -> torch.Tensor:
+        """Every tensor of the state, in record-key order, as one float32 vector."""
+        tensors = list(self.tensors().values())
+        if not tensors:
+            return torch.zeros(0)
+        return torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
+
+    def unflatten(self, vector: torch.Tensor) -> LoraState:
+        """A state shaped like this one holding the values of `vector` (inverse of flatten)."""
+        out, offset = LoraState(), 0
+        for key, tensor in self.tensors().items():
+            piece = vector[offset : offset + tensor.numel()].reshape(tensor.shape).to(tensor.dtype)
+            offset += tensor.numel()
+            if key.startswith(HEAD_PREFIX):
+                out.head[key[len(HEAD_PREFIX):]] = piece
+            else:
+                layer, _, part = key.rpartition(".")
+                out.factors.setdefault(layer, {})[part] = piece
+        if offset != vector.numel():
+            raise ValueError(f"vector has {vector.numel()} values, the state {offset}")
+        return out
+
+    def minus(self, reference: LoraState) -> LoraState:
+        """This state's change from `reference`, over the tensors this state holds."""
+        return LoraState(
+            factors={layer: {p: t - reference.factors[layer][p] for p, t in parts.items()} for layer, parts in self.factors.items()},
+            head={name: t - reference.head[name] for name, t in self.head.items()},
+        )
+
+    def plus(self, delta: LoraState) -> LoraState:
+        """This state moved by `delta`, over the tensors `delta` holds."""
+        return LoraState(
+            factors={layer: {p: self.factors[layer][p] + t for p, t in parts.items()} for layer, parts in delta.factors.items()},
+            head={name: self.head[name] + t for name, t in delta.head.items()},
+        )
+
     # --- Flower records -------------------------------------------------------------------
     def to_array_record(self) -> ArrayRecord:
         """Encode as a Flower ArrayRecord."""

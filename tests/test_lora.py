@@ -39,3 +39,14 @@ def test_same_seed_same_model_and_the_digest_tells_a_different_a() -> None:
     c = LoraState.from_model(build_lora_model(config.model, 4, seed=4))
     assert a.digest("A") == b.digest("A") != c.digest("A")
     assert a.factor_bytes() == sum(t.numel() * 4 for f in a.factors.values() for t in f.values())
+
+
+def test_flatten_unflatten_and_deltas_round_trip() -> None:
+    config = tiny_config()
+    a = LoraState.from_model(build_lora_model(config.model, 4, seed=0))
+    b = LoraState.from_model(build_lora_model(config.model, 4, seed=1)).select("B", head=True)
+    delta = b.minus(a)
+    again = delta.unflatten(delta.flatten())
+    assert all(torch.equal(again.tensors()[k], t) for k, t in delta.tensors().items())
+    moved = a.plus(delta)
+    assert all(torch.allclose(moved.tensors()[k], t, atol=1e-6) for k, t in b.tensors().items())
