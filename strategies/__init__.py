@@ -10,9 +10,10 @@ from __future__ import annotations
 from fedlora.config import ConfigError, ExperimentConfig
 from strategies.base import LoraStrategy
 from strategies.fedit import FedIT
+from strategies.fedsvd import FedSVD
 from strategies.ffa_lora import FFALoRA
 
-STRATEGIES: dict[str, type[LoraStrategy]] = {cls.name: cls for cls in (FedIT, FFALoRA)}
+STRATEGIES: dict[str, type[LoraStrategy]] = {cls.name: cls for cls in (FedIT, FFALoRA, FedSVD)}
 
 
 def strategy_class(name: str) -> type[LoraStrategy]:

@@ -1,0 +1,103 @@
+"""FedSVD: clients train B only; the server re-factorizes the averaged update by its SVD.
+
+Every client trains B against the broadcast A, so averaging B is exact: sum p_k B_k A = B A.
+Every `svd_period` rounds the server rewrites M = B A as B' A' with A' holding the top-r right
+singular vectors of M (orthonormal rows) and B' = U_r S_r, so B' A' = B A and the next round's
+A is adapted to what the federation learned. M is never formed: two thin QRs and the SVD of an
+r x r core cost O((d_out + d_in) r^2) instead of O(d_out d_in r). Refactorization is
+post-processing of the already-aggregated (and, under DP, already-noised) B: it costs no privacy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fedlora.config import StrategyConfig
+from fedlora.lora import LoraState
+from strategies.base import LoraStrategy, weighted_sum
+
+# The factors are thin (d x r), so float64 costs little and keeps B'A' = BA to ~1e-15 relative
+# even when B and A are badly conditioned; results go back in the caller's dtype.
+_WORK_DTYPE = torch.float64
+
+
+def refactorize(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    """One layer's factors (B: d_out x r, A: r x d_in) rewritten as the SVD of B A, M never formed.
+
+    Returns (B', A') with B' A' = B A, B' = U S (columns orthogonal, norms = singular values in
+    descending order) and A' = V^T (orthonormal rows), same shapes, dtype and device as the input.
+
+    If r > min(d_out, d_in), B A has at most m = min(d_out, d_in) nonzero singular values:
+    - while r <= d_in, A' still has r orthonormal rows (the core's SVD completes V to a basis of
+      the span of A^T's QR factor), and the columns of B' beyond m are zero;
+    - if r > d_in, only d_in rows of R^{d_in} can be orthonormal: A' has d_in orthonormal rows
+      followed by r - d_in zero rows, paired with zero columns of B'.
+    An all-zero B (e.g. before the first round) is returned unchanged, with A.
+    """
+    _check_factors(B, A)
+    if not torch.any(B):
+        return B, A
+    rank = B.shape[1]
+    q_b, r_b = torch.linalg.qr(B.to(_WORK_DTYPE))  # d_out x kb, kb x r, kb = min(d_out, r)
+    q_a, r_a = torch.linalg.qr(A.to(_WORK_DTYPE).T)  # d_in x ka, ka x r, ka = min(d_in, r)
+    # B A = q_b (r_b r_a^T) q_a^T: the SVD of the small core gives the SVD of B A.
+    # full_matrices=True so that V is a complete basis of the core's column space (ka rows of
+    # A'), even when the core has fewer than ka nonzero singular values.
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=True)  # kb x kb, m, ka x ka
+    m = s.shape[0]
+    b_new = torch.zeros(B.shape, dtype=_WORK_DTYPE, device=B.device)
+    b_new[:, :m] = (q_b @ u[:, :m]) * s
+    a_new = torch.zeros(A.shape, dtype=_WORK_DTYPE, device=A.device)
+    a_new[: vh.shape[0]] = vh @ q_a.T
+    return b_new.to(B.dtype), a_new.to(A.dtype)
+
+
+def _check_factors(B: Tensor, A: Tensor) -> None:
+    """Raise ValueError unless B (d_out x r) and A (r x d_in) are a LoRA factor pair."""
+    if B.ndim != 2 or A.ndim != 2:
+        raise ValueError(f"refactorize: B and A must be 2-D, got shapes {tuple(B.shape)} and {tuple(A.shape)}")
+    if B.shape[1] != A.shape[0]:
+        raise ValueError(
+            f"refactorize: B is {tuple(B.shape)} and A is {tuple(A.shape)}; B must be d_out x r and A r x d_in"
+        )
+    if B.shape[1] == 0:
+        raise ValueError("refactorize: rank r must be at least 1")
+
+
+# --- Flower strategy ---
+class FedSVD(LoraStrategy):
+    """Clients train B against the broadcast A; the server averages B and re-factorizes B A.
+
+    Parameters (beside LoraStrategy's)
+    ----------------------------------
+    svd_period : int
+        Re-factorize every this many rounds (1: every round).
+    """
+
+    name = "fedsvd"
+    description = "FedSVD: clients train B only; the server averages B and re-factorizes BA by SVD"
+    trains = "B"
+
+    def __init__(self, *args: object, svd_period: int = 1, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        if svd_period < 1:
+            raise ValueError(f"svd_period must be at least 1, got {svd_period}")
+        self.svd_period = svd_period
+
+    @classmethod
+    def options(cls, config: StrategyConfig) -> dict[str, object]:
+        """svd_period from [strategy]."""
+        return {"svd_period": config.svd_period}
+
+    def aggregate_factors(self, global_state: LoraState, updates: list[LoraState], weights: Tensor) -> LoraState:
+        """B <- sum p_k B_k (exact: A is shared), then B A -> U S, V^T every svd_period rounds."""
+        refactor = self.server_round % self.svd_period == 0
+        factors = {}
+        for layer, parts in global_state.factors.items():
+            b = weighted_sum([u.factors[layer]["B"] for u in updates], weights)
+            a = parts["A"]
+            if refactor and torch.any(b):  # an all-zero B has nothing to re-factorize
+                b, a = refactorize(b, a)
+            factors[layer] = {"A": a, "B": b}
+        return LoraState(factors=factors)
