@@ -1,0 +1,381 @@
+"""LoRA-FAIR: average A and B, then correct B so that B' Ā points where the ideal update does.
+
+Clients train A and B. FedIT's product (sum p_k B_k)(sum p_k A_k) is not the ideal update
+dW = sum p_k B_k A_k. LoRA-FAIR keeps Ā = sum p_k A_k and looks for a residual dB on
+B̄ = sum p_k B_k minimizing
+
+    D(dW, (B̄ + dB) Ā) + lam ||dB||_F,    D = 1 - cosine similarity of the flattened matrices,
+
+then broadcasts (B̄ + dB, Ā). No d_out x d_in matrix is ever formed: with B_cat = [p_1 B_1, ...,
+p_K B_K] (d_out x Kr) and A_cat = [A_1; ...; A_K] (Kr x d_in), <dW, B' Ā> = <B', G> with
+G = B_cat (A_cat Ā^T), ||B' Ā||^2 = <B' H, B'> with H = Ā Ā^T, and ||dW||^2 = <B_cat^T B_cat,
+A_cat A_cat^T>. Setup costs O((d_out + d_in) (K r)^2); the solve then needs one r x r
+eigendecomposition, O(d_out r^2) work and a 1-D search at O(r) per point (_cosine_solution).
+`method="lstsq"` instead solves min ||dW - B' Ā||_F^2 + lam ||B' - B̄||_F^2 in closed form.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Factors are thin (d x r) and the cores r x r or Kr x Kr: float64 is cheap here and keeps the
+# Gram-form identities accurate when the cosine is close to 1.
+_WORK_DTYPE = torch.float64
+WEIGHT_SUM_TOLERANCE = 1e-6
+METHODS = ("cosine", "lstsq")
+# The search along the ridge path (see _RidgePath): a log-spaced grid over rho with this many
+# points per decade, from 1e-6 x the smallest nonzero eigenvalue of Ā Ā^T to 1e12 x the largest
+# (beyond it ||dB|| < ~1e-12 ||B̄||: nothing left to gain), shifted down while its lowest point is
+# its best, then refinements that each narrow the bracket around the best point 16-fold.
+_GRID_PER_DECADE = 8
+_DECADES_BELOW, _DECADES_ABOVE = 6, 12
+_REFINE_POINTS = 33
+# Downward shifts of the grid allowed while the minimum lies below it (each ~ 18 decades).
+_MAX_SHIFTS = 16
+
+
+def lora_fair_correction(
+    Bs: list[Tensor],
+    As: list[Tensor],
+    weights: Tensor | Sequence[float],
+    lam: float = 0.01,
+    *,
+    method: str = "cosine",
+    refinements: int = 12,
+) -> tuple[Tensor, Tensor]:
+    """One layer's LoRA-FAIR aggregate (B̄ + dB, Ā) from the clients' factors and weights p_k.
+
+    method="cosine" (default): dB minimizes (1 - cos(dW, (B̄ + dB) Ā)) + lam ||dB||_F, by an
+    exact search along the ridge path (see _cosine_solution); `refinements` sets its precision
+    (each narrows the bracket 16-fold; 12 reach the limit of float64). The result is never
+    worse than dB = 0 and is the global minimum whenever cos(dW, B̄ Ā) > 0, except that a
+    minimum approached only by shrinking B' Ā to zero is never returned (it would erase the
+    update). lam = 0 leaves the scale of B' free: we return the lam -> 0+ limit, the positive
+    multiple of the least-squares B_ls closest to B̄ (B_ls itself if none is: <B_ls, B̄> <= 0).
+    If dW = 0, or dW is orthogonal to every B' Ā, B̄ is returned.
+
+    method="lstsq": the ridge solution B' = (G + lam B̄)(Ā Ā^T + lam I)^{-1} of
+    min ||dW - B' Ā||_F^2 + lam ||B' - B̄||_F^2 (lam penalizes the *squared* norm here;
+    lam = 0 gives the least-squares B' closest to B̄).
+
+    Returned tensors have the dtype and device of the inputs.
+    """
+    p = _check_inputs(Bs, As, weights)
+    _check_options(lam, method, refinements)
+    a_bar = _weighted_mean(As, p)
+    target = _FactoredTarget.build(Bs, As, p, a_bar)
+    if method == "lstsq":
+        b_new = _RidgePath.build(target).ridge(lam)
+    else:
+        b_new = _cosine_solution(target, lam, refinements)
+    return b_new.to(Bs[0].dtype), a_bar.to(As[0].dtype)
+
+
+def fair_objective(
+    Bs: list[Tensor],
+    As: list[Tensor],
+    weights: Tensor | Sequence[float],
+    B_new: Tensor,
+    A_bar: Tensor,
+    lam: float,
+) -> Tensor:
+    """(1 - cos(dW, B_new A_bar)) + lam ||B_new - B̄||_F in factored form, as a float64 scalar.
+
+    The cosine of a zero matrix is taken as 0. Differentiable in B_new (autograd).
+    """
+    p = _check_inputs(Bs, As, weights)
+    if B_new.shape != Bs[0].shape or A_bar.shape != As[0].shape:
+        raise ValueError(
+            f"fair_objective: B_new {tuple(B_new.shape)} and A_bar {tuple(A_bar.shape)} must have the "
+            f"clients' shapes {tuple(Bs[0].shape)} and {tuple(As[0].shape)}"
+        )
+    target = _FactoredTarget.build(Bs, As, p, A_bar.to(_WORK_DTYPE))
+    return target.objective(B_new.to(_WORK_DTYPE), lam)
+
+
+@dataclass(frozen=True)
+class _FactoredTarget:
+    """The ideal update dW as seen by candidates B' A_ref with A_ref fixed, all in factored form."""
+
+    b_bar: Tensor  # d_out x r: sum p_k B_k
+    g: Tensor  # d_out x r: dW A_ref^T, so that <dW, B' A_ref> = <B', g>
+    h: Tensor  # r x r: A_ref A_ref^T, so that ||B' A_ref||^2 = <B' h, B'>
+    dw_norm: Tensor  # ||dW||_F
+
+    @classmethod
+    def build(cls, Bs: list[Tensor], As: list[Tensor], p: Tensor, a_ref: Tensor) -> _FactoredTarget:
+        """Precompute g, h and ||dW|| from the clients' factors; a_ref is float64."""
+        b_cat = torch.cat([w * b.to(_WORK_DTYPE) for w, b in zip(p.tolist(), Bs)], dim=1)  # d_out x Kr
+        a_cat = torch.cat([a.to(_WORK_DTYPE) for a in As], dim=0)  # Kr x d_in
+        a_ref = a_ref.to(b_cat.device)
+        dw_sq = torch.sum((b_cat.T @ b_cat) * (a_cat @ a_cat.T))
+        return cls(
+            b_bar=_weighted_mean(Bs, p),
+            g=b_cat @ (a_cat @ a_ref.T),
+            h=a_ref @ a_ref.T,
+            dw_norm=dw_sq.clamp(min=0).sqrt(),  # rounding can push a zero norm slightly negative
+        )
+
+    def cosine(self, b: Tensor) -> Tensor:
+        """cos(dW, b A_ref), 0 if either matrix is zero."""
+        q = torch.sum((b @ self.h) * b)  # ||b A_ref||^2
+        if self.dw_norm <= 0 or q <= 0:
+            return torch.zeros((), dtype=_WORK_DTYPE, device=b.device)
+        return torch.sum(b * self.g) / (self.dw_norm * q.sqrt())
+
+    def objective(self, b: Tensor, lam: float) -> Tensor:
+        """(1 - cos(dW, b A_ref)) + lam ||b - B̄||_F."""
+        return 1 - self.cosine(b) + lam * torch.linalg.matrix_norm(b - self.b_bar)
+
+
+def _cosine_solution(target: _FactoredTarget, lam: float, refinements: int) -> Tensor:
+    """The best attained minimizer of (1 - cos(dW, B' Ā)) + lam ||B' - B̄||_F over B'.
+
+    The objective is smooth except at dB = 0 (the norm's kink) and where B' Ā = 0 (the cosine's
+    pole), so a minimizer is dB = 0 or a stationary point, and every stationary point with a
+    positive cosine lies on the one-parameter ridge path (_RidgePath). We search that path (a
+    grid over log rho, refined around its best point) and return the best of: B̄, the path's
+    best point, and the least-squares B' (B' Ā = dW projected on Ā's row space). Exact and
+    global whenever cos(dW, B̄ Ā) > 0, whatever the conditioning of Ā Ā^T; no gradient steps,
+    no step sizes, deterministic.
+
+    One trap: the cosine ignores the scale of B'. When the least-squares direction points away
+    from B̄ (<B_ls, B̄> <= 0) the path's low-rho end is B' Ā -> 0, and the objective's infimum
+    can be approached only by shrinking the update to nothing (1 - cos stays minimal while the
+    penalty tends to lam ||B̄||). That infimum is not attained and would erase the update: we
+    consider only the path's interior local minima then.
+    """
+    if target.dw_norm <= 0 or not torch.any(target.g):
+        return target.b_bar  # nothing of dW is reachable through Ā: no direction to correct in
+    path = _RidgePath.build(target)
+    least_squares = path.ridge(0.0)
+    if lam == 0:
+        # The cosine alone leaves the scale free: take the lam -> 0+ limit, the path's end.
+        return path.low_rho_end() if path.least_squares_scale() > 0 else least_squares
+    candidates = [least_squares]
+    rho = _search_path(path, lam, refinements)
+    if rho is not None:
+        candidates.append(path.point(rho))
+    best, best_value = target.b_bar, target.objective(target.b_bar, lam)
+    for candidate in candidates:
+        value = target.objective(candidate, lam)
+        if value < best_value:  # strictly: ties keep B̄
+            best, best_value = candidate, value
+    return best
+
+
+@dataclass(frozen=True)
+class _RidgePath:
+    """The path B'(rho) = (kappa(rho) G + rho B̄)(H + rho I)^{-1}, rho > 0, in H's eigenbasis.
+
+    Setting the gradient of 1 - cos(dW, B' Ā) + lam ||B' - B̄|| to zero gives
+    B' (beta H + mu I) = alpha G + mu B̄ with alpha = 1 / (||dW|| ||B'Ā||),
+    beta = <dW, B'Ā> / (||dW|| ||B'Ā||^3) and mu = lam / ||dB||. With a positive cosine
+    (beta > 0), divide by beta: rho = mu / beta > 0 and kappa = alpha / beta = ||B'Ā||^2 /
+    <dW, B'Ā>. For B' on the path that last identity is a quadratic in kappa with exactly one
+    positive root, so one parameter remains. As rho -> infinity the path ends at B̄ (leaving it
+    along -grad(1 - cos) when cos(dW, B̄ Ā) > 0); as rho -> 0 it tends to low_rho_end().
+
+    With H = V diag(lambda) V^T, column i of B' V combines columns i of G V and B̄ V only, so
+    the objective along the path needs just the r 2x2 Gram blocks of those columns: O(r) per
+    point, however large d_out.
+    """
+
+    eigenvalues: Tensor  # (r,), of H = Ā Ā^T, ascending, clamped at 0
+    eigenvectors: Tensor  # r x r
+    g_rot: Tensor  # d_out x r: G V
+    b_rot: Tensor  # d_out x r: B̄ V
+    gg: Tensor  # (r,): squared norms of the columns of G V
+    gb: Tensor  # (r,): inner products of matching columns of G V and B̄ V
+    bb: Tensor  # (r,): squared norms of the columns of B̄ V
+    dw_norm: Tensor
+
+    @classmethod
+    def build(cls, target: _FactoredTarget) -> _RidgePath:
+        """Diagonalize H and precompute the column Grams."""
+        eigenvalues, eigenvectors = torch.linalg.eigh(target.h)
+        g_rot, b_rot = target.g @ eigenvectors, target.b_bar @ eigenvectors
+        return cls(
+            eigenvalues=eigenvalues.clamp(min=0),  # H is PSD; rounding may dip below 0
+            eigenvectors=eigenvectors,
+            g_rot=g_rot,
+            b_rot=b_rot,
+            gg=torch.sum(g_rot * g_rot, dim=0),
+            gb=torch.sum(g_rot * b_rot, dim=0),
+            bb=torch.sum(b_rot * b_rot, dim=0),
+            dw_norm=target.dw_norm,
+        )
+
+    def kappa(self, rho: Tensor) -> Tensor:
+        """The positive root kappa(rho) of (n1 - q2) k^2 + (n0 - 2 q1) k - q0 = 0, for a batch of rho.
+
+        From kappa n(kappa) = q(kappa), with n = <dW, B'Ā> = n1 k + n0 and
+        q = ||B'Ā||^2 = q2 k^2 + 2 q1 k + q0 along the path; the differences are summed in
+        closed form so that nothing cancels.
+        """
+        lam_h, rho = self.eigenvalues, rho[:, None]
+        den = lam_h + rho
+        quad = torch.sum(self.gg * rho / den**2, dim=1)  # n1 - q2 > 0 when G != 0
+        lin = torch.sum(self.gb * rho * (rho - lam_h) / den**2, dim=1)  # n0 - 2 q1
+        const = torch.sum(lam_h * (rho / den) ** 2 * self.bb, dim=1)  # q0 >= 0
+        root = torch.sqrt(lin**2 + 4 * quad * const)
+        # The two algebraically equal forms, each used where it does not cancel.
+        tiny = torch.finfo(_WORK_DTYPE).tiny
+        from_const = 2 * const / (lin + root).clamp(min=tiny)
+        from_quad = (root - lin) / (2 * quad).clamp(min=tiny)
+        return torch.where(lin >= 0, from_const, from_quad)
+
+    def objective(self, rho: Tensor, lam: float) -> Tensor:
+        """The objective at B'(rho) for a batch of rho, from the column Grams only."""
+        lam_h = self.eigenvalues
+        den = lam_h + rho[:, None]
+        a = self.kappa(rho)[:, None] / den  # weight of the columns of G V
+        b = rho[:, None] / den  # weight of the columns of B̄ V
+        c = lam_h / den  # 1 - b, the weight of -B̄ V in dB
+        n = torch.sum(a * self.gg + b * self.gb, dim=1)
+        q = torch.sum(lam_h * (a**2 * self.gg + 2 * a * b * self.gb + b**2 * self.bb), dim=1)
+        db_sq = torch.sum(a**2 * self.gg - 2 * a * c * self.gb + c**2 * self.bb, dim=1)
+        safe_q = q.clamp(min=torch.finfo(_WORK_DTYPE).tiny)
+        cosine = torch.where(q > 0, n / (self.dw_norm * safe_q.sqrt()), torch.zeros_like(n))
+        return 1 - cosine + lam * db_sq.clamp(min=0).sqrt()
+
+    def point(self, rho: float) -> Tensor:
+        """B'(rho), d_out x r."""
+        rho_t = torch.tensor([rho], dtype=_WORK_DTYPE, device=self.g_rot.device)
+        kappa = self.kappa(rho_t)
+        return ((kappa * self.g_rot + rho * self.b_rot) / (self.eigenvalues + rho)) @ self.eigenvectors.T
+
+    @property
+    def reached(self) -> Tensor:
+        """Mask of the eigen-directions Ā reaches (eigenvalue above torch.linalg.pinv's cut-off)."""
+        lam_h = self.eigenvalues
+        return lam_h > lam_h.shape[0] * torch.finfo(_WORK_DTYPE).eps * lam_h[-1]
+
+    def ridge(self, lam: float) -> Tensor:
+        """(G + lam B̄)(H + lam I)^{-1}; for lam = 0, its limit G H^+ + B̄ (I - H H^+)."""
+        if lam > 0:
+            rotated = (self.g_rot + lam * self.b_rot) / (self.eigenvalues + lam)
+        else:
+            # Directions Ā does not reach keep B̄: the least-squares solution closest to B̄.
+            reached = self.reached
+            rotated = torch.where(reached, self.g_rot / torch.where(reached, self.eigenvalues, 1.0), self.b_rot)
+        return rotated @ self.eigenvectors.T
+
+    def least_squares_scale(self) -> float:
+        """s = <B_ls, B̄> / ||B_ls||^2 with B_ls = G H^+: the multiple of B_ls closest to B̄."""
+        lam_h = torch.where(self.reached, self.eigenvalues, math.inf)
+        return float(torch.sum(self.gb / lam_h) / torch.sum(self.gg / lam_h**2))
+
+    def low_rho_end(self) -> Tensor:
+        """lim B'(rho) as rho -> 0: s B_ls + B̄ (I - H H^+), zero on Ā's row space when s <= 0."""
+        reached, scale = self.reached, max(self.least_squares_scale(), 0.0)
+        rotated = torch.where(reached, scale * self.g_rot / torch.where(reached, self.eigenvalues, 1.0), self.b_rot)
+        return rotated @ self.eigenvectors.T
+
+
+def _search_path(path: _RidgePath, lam: float, refinements: int) -> float | None:
+    """The rho of the best point on the path (None if no attained one): grid, then zoom in."""
+    vanishing_end = path.least_squares_scale() <= 0
+    grid, values = _path_grid(path, lam, extend_down=not vanishing_end)
+    best = _best_index(values, interior_only=vanishing_end)
+    if best is None:
+        return None
+    for _ in range(refinements):
+        # The minimum lies between the best point's neighbours: zoom in there.
+        left, right = float(grid[max(best - 1, 0)]), float(grid[min(best + 1, grid.shape[0] - 1)])
+        grid = torch.linspace(left, right, _REFINE_POINTS, dtype=_WORK_DTYPE)
+        values = _path_values(path, grid, lam)
+        best = int(torch.argmin(values))
+    return math.exp(float(grid[best]))
+
+
+def _path_grid(path: _RidgePath, lam: float, *, extend_down: bool) -> tuple[Tensor, Tensor]:
+    """A grid over log rho and the objective on it, spanning the eigenvalues of Ā Ā^T.
+
+    The stationary rho is lam ||B'Ā||^2 / (cos ||dB||): it scales with the size of B as well as
+    with the eigenvalues, so it may lie below the grid. With `extend_down`, while the best
+    point is the lowest, the window shifts down by its own width.
+    """
+    reached = path.eigenvalues[path.reached]
+    ln10 = math.log(10)
+    lo = math.log(float(reached[0])) - _DECADES_BELOW * ln10
+    hi = math.log(float(reached[-1])) + _DECADES_ABOVE * ln10
+    count = math.ceil((hi - lo) / ln10 * _GRID_PER_DECADE) + 1
+    grid = torch.linspace(lo, hi, count, dtype=_WORK_DTYPE)
+    values = _path_values(path, grid, lam)
+    for _ in range(_MAX_SHIFTS if extend_down else 0):
+        if int(torch.argmin(values)) != 0:
+            break
+        grid = grid - (hi - lo)
+        values = _path_values(path, grid, lam)
+    return grid, values
+
+
+def _best_index(values: Tensor, *, interior_only: bool) -> int | None:
+    """The grid index of the least value; with interior_only, of the least interior local minimum."""
+    if not interior_only:
+        return int(torch.argmin(values))
+    inner = values[1:-1]
+    is_local_min = (inner <= values[:-2]) & (inner <= values[2:]) & torch.isfinite(inner)
+    if not torch.any(is_local_min):
+        return None
+    return 1 + int(torch.argmin(torch.where(is_local_min, inner, math.inf)))
+
+
+def _path_values(path: _RidgePath, log_rho: Tensor, lam: float) -> Tensor:
+    """The objective along the path at rho = exp(log_rho), on the CPU; NaN (0/0) counts as +inf."""
+    values = path.objective(log_rho.exp().to(path.eigenvalues.device), lam)
+    return torch.nan_to_num(values, nan=math.inf).cpu()
+
+
+def _weighted_mean(tensors: list[Tensor], p: Tensor) -> Tensor:
+    """sum_k p_k T_k in float64."""
+    total = torch.zeros(tensors[0].shape, dtype=_WORK_DTYPE, device=tensors[0].device)
+    for weight, tensor in zip(p.tolist(), tensors):
+        total.add_(tensor.to(_WORK_DTYPE), alpha=weight)
+    return total
+
+
+def _check_inputs(Bs: list[Tensor], As: list[Tensor], weights: Tensor | Sequence[float]) -> Tensor:
+    """Validate one layer's client factors and weights; return the weights as a float64 vector."""
+    if len(Bs) == 0 or len(As) == 0:
+        raise ValueError("lora_fair: no client factors given (Bs and As must be non-empty)")
+    if len(Bs) != len(As):
+        raise ValueError(f"lora_fair: {len(Bs)} B factors but {len(As)} A factors; give one of each per client")
+    b_shape, a_shape = Bs[0].shape, As[0].shape
+    if len(b_shape) != 2 or len(a_shape) != 2 or b_shape[1] != a_shape[0] or b_shape[1] == 0:
+        raise ValueError(
+            f"lora_fair: B {tuple(b_shape)} and A {tuple(a_shape)} must be d_out x r and r x d_in with r >= 1"
+        )
+    for k, (b, a) in enumerate(zip(Bs, As)):
+        if b.shape != b_shape or a.shape != a_shape:
+            raise ValueError(
+                f"lora_fair: client {k} has B {tuple(b.shape)}, A {tuple(a.shape)}; "
+                f"client 0 has B {tuple(b_shape)}, A {tuple(a_shape)}"
+            )
+    p = torch.as_tensor(weights, dtype=_WORK_DTYPE).detach().cpu().reshape(-1)
+    if p.numel() != len(Bs):
+        raise ValueError(f"lora_fair: {p.numel()} weights for {len(Bs)} clients")
+    if not torch.all(torch.isfinite(p)) or torch.any(p < 0):
+        raise ValueError(f"lora_fair: weights must be finite and non-negative, got {p.tolist()}")
+    if abs(float(p.sum()) - 1) > WEIGHT_SUM_TOLERANCE:
+        raise ValueError(f"lora_fair: weights must sum to 1 (within {WEIGHT_SUM_TOLERANCE}), got {float(p.sum())!r}")
+    return p
+
+
+def _check_options(lam: float, method: str, refinements: int) -> None:
+    """Validate the solver options."""
+    if method not in METHODS:
+        raise ValueError(f"lora_fair: unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lora_fair: lam must be finite and >= 0, got {lam!r}")
+    if refinements < 0:
+        raise ValueError(f"lora_fair: refinements must be >= 0, got {refinements!r}")
+
+
+# --- Flower strategy ---
