@@ -1,0 +1,283 @@
+"""Simulated Byzantine clients: model-poisoning attacks on updates, and label flipping.
+
+An *update* is a 1-D float tensor: a client's change of the LoRA factors it trained, flattened.
+A model-poisoning attack is a pure function
+
+    attack(honest, own, generator, **params) -> malicious
+
+- `honest` (n_honest x dim): the honest clients' updates of the round. The adversary is assumed
+  to know them (omniscient adversary, as ALIE, IPM and min-max assume in their papers);
+- `own` (n_malicious x dim): the updates the malicious clients trained honestly on their data;
+- `generator`: the only source of randomness (only `gaussian_noise` draws from it);
+- returns the n_malicious x dim updates the malicious clients send instead.
+
+Attacks (`MODEL_ATTACKS`, by name):
+- `sign_flip`: -scale * own.
+- `scaling`: factor * own (boosting, as in model-replacement attacks).
+- `gaussian_noise`: own + N(0, sigma^2) per coordinate (sigma absolute, in update units).
+- `alie` ("a little is enough", Baruch et al. 2019): mean - z * std of the honest updates, per
+  coordinate; by default z = Phi^-1((n - s) / n) with s = floor(n / 2 + 1) - m, n = all clients,
+  m = malicious ones: the largest shift for which the attackers still look like the majority.
+- `ipm` (inner-product manipulation, Xie et al. 2019): -eps * mean of the honest updates.
+- `min_max` (Shejwalkar & Houmansadr 2021): mean + gamma * p with p = -std (or -mean/||mean||,
+  or -sign(mean)) and gamma the largest value, found by bisection, such that the malicious
+  update is no farther from any honest update than the two farthest honest updates are apart.
+
+All malicious clients of `alie`, `ipm` and `min_max` send the same vector (the attacks are
+coordinated). `apply_model_attack` looks an attack up by name and checks its parameters.
+
+Label flipping is data poisoning and happens before training: `flip_labels` maps y to
+num_classes - 1 - y. Which clients are malicious is fixed for the whole run by
+`choose_malicious(num_clients, fraction, seed)`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+from collections.abc import Callable, Mapping
+from statistics import NormalDist
+from typing import Any
+
+import torch
+from torch import Tensor
+
+ModelAttack = Callable[..., Tensor]
+
+
+def _check_inputs(name: str, honest: Tensor, own: Tensor, min_honest: int = 0) -> None:
+    """Raise ValueError unless honest (n_h x dim) and own (n_m x dim) are float 2-D, same dim."""
+    for label, t in (("honest", honest), ("own", own)):
+        if t.ndim != 2:
+            raise ValueError(f"{name}: {label} updates must be 2-D (clients x dim), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: {label} updates must be a float tensor, got {t.dtype}")
+    if honest.shape[1] != own.shape[1]:
+        raise ValueError(f"{name}: honest updates have dim {honest.shape[1]} but own updates dim {own.shape[1]}")
+    if honest.shape[0] < min_honest:
+        raise ValueError(f"{name}: needs at least {min_honest} honest updates, got {honest.shape[0]}")
+
+
+def _check_finite(name: str, **values: float) -> None:
+    """Raise ValueError for a non-finite parameter."""
+    for key, value in values.items():
+        if not math.isfinite(value):
+            raise ValueError(f"{name}: {key} must be a finite number, got {value!r}")
+
+
+def _coordinated(vector: Tensor, own: Tensor) -> Tensor:
+    """The same malicious vector for every malicious client (n_m x dim), in own's dtype."""
+    return vector.to(own.dtype).expand(own.shape[0], -1).clone()
+
+
+def sign_flip(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, *, scale: float = 1.0) -> Tensor:
+    """Each malicious client sends its own update negated and scaled: -scale * own."""
+    _check_inputs("sign_flip", honest, own)
+    _check_finite("sign_flip", scale=scale)
+    if scale <= 0:
+        raise ValueError(f"sign_flip: scale must be > 0, got {scale}")
+    return -scale * own
+
+
+def scaling(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, *, factor: float = 10.0) -> Tensor:
+    """Each malicious client sends its own update multiplied by `factor`."""
+    _check_inputs("scaling", honest, own)
+    _check_finite("scaling", factor=factor)
+    if factor == 0:
+        raise ValueError("scaling: factor must be nonzero (0 would send an empty update)")
+    return factor * own
+
+
+def gaussian_noise(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, *, sigma: float = 1.0) -> Tensor:
+    """Each malicious client adds N(0, sigma^2) noise to every coordinate of its own update."""
+    _check_inputs("gaussian_noise", honest, own)
+    _check_finite("gaussian_noise", sigma=sigma)
+    if sigma < 0:
+        raise ValueError(f"gaussian_noise: sigma must be >= 0, got {sigma}")
+    if generator is None:
+        raise ValueError("gaussian_noise: needs a torch.Generator (every random choice is seeded)")
+    noise = torch.randn(own.shape, generator=generator, dtype=own.dtype, device=own.device)
+    return own + sigma * noise
+
+
+def alie_z(num_clients: int, num_malicious: int) -> float:
+    """ALIE's default z for n clients of which m are malicious: Phi^-1((n - s) / n), s = floor(n/2 + 1) - m.
+
+    s is how many honest clients the attackers must still win over to form a majority; the
+    attack moves each coordinate by z standard deviations, the largest shift for which at least
+    s honest values remain on the far side (under a normal model of the honest values).
+    """
+    if num_clients < 1 or not 1 <= num_malicious <= num_clients:
+        raise ValueError(f"alie_z: need 1 <= num_malicious <= num_clients, got {num_malicious} of {num_clients}")
+    s = math.floor(num_clients / 2 + 1) - num_malicious
+    p = (num_clients - s) / num_clients
+    if not 0.0 < p < 1.0:
+        raise ValueError(
+            f"alie_z: undefined for {num_malicious} malicious of {num_clients} clients "
+            "(the attackers already form a majority); give z explicitly"
+        )
+    return NormalDist().inv_cdf(p)
+
+
+def alie(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, *, z: float | None = None) -> Tensor:
+    """"A little is enough": every malicious client sends mean - z * std of the honest updates.
+
+    std is the per-coordinate sample standard deviation (Bessel-corrected). z defaults to
+    `alie_z(n_honest + n_malicious, n_malicious)`.
+    """
+    _check_inputs("alie", honest, own, min_honest=2)
+    if z is None:
+        z = alie_z(honest.shape[0] + own.shape[0], own.shape[0])
+    _check_finite("alie", z=z)
+    mean, std = honest.mean(dim=0), honest.std(dim=0)
+    return _coordinated(mean - z * std, own)
+
+
+def ipm(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, *, eps: float = 0.5) -> Tensor:
+    """Inner-product manipulation: every malicious client sends -eps times the honest mean."""
+    _check_inputs("ipm", honest, own, min_honest=1)
+    _check_finite("ipm", eps=eps)
+    if eps <= 0:
+        raise ValueError(f"ipm: eps must be > 0, got {eps}")
+    return _coordinated(-eps * honest.mean(dim=0), own)
+
+
+MIN_MAX_PERTURBATIONS = ("std", "unit", "sign")
+
+
+def min_max_perturbation(honest: Tensor, kind: str) -> Tensor:
+    """The direction min-max moves along: -std, -mean/||mean|| ("unit") or -sign(mean)."""
+    mean = honest.mean(dim=0)
+    if kind == "std":
+        return -honest.std(dim=0)
+    if kind == "unit":
+        norm = torch.linalg.vector_norm(mean)
+        return -mean / norm if norm > 0 else torch.zeros_like(mean)
+    if kind == "sign":
+        return -torch.sign(mean)
+    raise ValueError(f"min_max: unknown perturbation {kind!r} (known: {', '.join(MIN_MAX_PERTURBATIONS)})")
+
+
+def min_max(
+    honest: Tensor,
+    own: Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    perturbation: str = "std",
+    gamma_init: float = 10.0,
+    tol: float = 1e-5,
+) -> Tensor:
+    """Min-max: mean + gamma * p with the largest gamma keeping max_i ||mal - h_i|| <= max_ij ||h_i - h_j||.
+
+    gamma = 0 (the mean) always satisfies the bound (the mean lies in the honest updates'
+    convex hull), and the farthest distance is convex in gamma, so the feasible gammas >= 0 form
+    an interval [0, gamma*]. The search doubles gamma from `gamma_init` until it is infeasible,
+    then bisects until the bracket is narrower than `tol` (relative to gamma*, absolute below
+    1); the returned gamma is the feasible end of the bracket, so the bound always holds.
+    """
+    _check_inputs("min_max", honest, own, min_honest=2)
+    _check_finite("min_max", gamma_init=gamma_init, tol=tol)
+    if gamma_init <= 0 or tol <= 0:
+        raise ValueError(f"min_max: gamma_init and tol must be > 0, got {gamma_init} and {tol}")
+    work = honest.to(torch.float64)
+    mean = work.mean(dim=0)
+    direction = min_max_perturbation(work, perturbation)
+    bound = torch.cdist(work, work).max()
+
+    def feasible(gamma: float) -> bool:
+        return bool(torch.cdist((mean + gamma * direction)[None], work).max() <= bound)
+
+    if not torch.any(direction):
+        return _coordinated(mean, own)
+    low, high = 0.0, gamma_init
+    while feasible(high):
+        low, high = high, 2.0 * high
+        if high > 1e30:  # the direction never leaves the ball: an unbounded attack
+            raise ValueError("min_max: the perturbation never violates the distance bound; honest updates are degenerate")
+    while high - low > tol * max(1.0, low):
+        middle = 0.5 * (low + high)
+        if feasible(middle):
+            low = middle
+        else:
+            high = middle
+    return _coordinated(mean + low * direction, own)
+
+
+MODEL_ATTACKS: dict[str, ModelAttack] = {
+    "sign_flip": sign_flip,
+    "scaling": scaling,
+    "gaussian_noise": gaussian_noise,
+    "alie": alie,
+    "ipm": ipm,
+    "min_max": min_max,
+}
+
+
+def attack_parameters(name: str) -> dict[str, Any]:
+    """The keyword parameters an attack accepts, with their defaults."""
+    attack = _lookup(name)
+    return {
+        p.name: p.default
+        for p in inspect.signature(attack).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def _lookup(name: str) -> ModelAttack:
+    try:
+        return MODEL_ATTACKS[name]
+    except KeyError:
+        known = ", ".join([*MODEL_ATTACKS, "label_flip"])
+        hint = " (label_flip is data poisoning: use flip_labels on the training labels)" if name == "label_flip" else ""
+        raise ValueError(f"unknown model attack {name!r}{hint}; known: {known}") from None
+
+
+def apply_model_attack(
+    name: str,
+    honest: Tensor,
+    own: Tensor,
+    seed: int | torch.Generator,
+    params: Mapping[str, Any] | None = None,
+) -> Tensor:
+    """Run the attack `name` with `params`; a ValueError names any unknown attack or parameter.
+
+    `seed` is an int (a fresh generator is seeded from it) or a torch.Generator used as is.
+    """
+    attack = _lookup(name)
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(attack_parameters(name)))
+    if unknown:
+        allowed = ", ".join(attack_parameters(name)) or "none"
+        raise ValueError(f"attack {name!r}: unknown parameter(s) {', '.join(unknown)} (allowed: {allowed})")
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+    return attack(honest, own, generator, **params)
+
+
+def choose_malicious(num_clients: int, fraction: float, seed: int) -> list[int]:
+    """The malicious clients of a run: floor(fraction * num_clients) indices in range(num_clients), sorted.
+
+    Draws from its own `random.Random(seed)`, so the same (num_clients, fraction, seed) always
+    gives the same set; call it once per run and keep the result.
+    """
+    if num_clients < 0:
+        raise ValueError(f"choose_malicious: num_clients must be >= 0, got {num_clients}")
+    if not (math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
+        raise ValueError(f"choose_malicious: fraction must be in [0, 1], got {fraction}")
+    # The small epsilon keeps e.g. 0.3 * 10 = 2.9999999999999996 from rounding down to 2.
+    count = math.floor(fraction * num_clients + 1e-9)
+    return sorted(random.Random(seed).sample(range(num_clients), count))
+
+
+def flip_labels(labels: Tensor, num_classes: int) -> Tensor:
+    """Label flipping (data poisoning): y -> num_classes - 1 - y, for integer labels in [0, num_classes)."""
+    if num_classes < 2:
+        raise ValueError(f"flip_labels: num_classes must be >= 2, got {num_classes}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"flip_labels: labels must be an integer tensor, got {labels.dtype}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"flip_labels: labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]")
+    return (num_classes - 1) - labels
+
+
+DATA_ATTACKS: dict[str, Callable[[Tensor, int], Tensor]] = {"label_flip": flip_labels}
