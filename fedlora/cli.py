@@ -8,23 +8,25 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedlora.config import ConfigError, ExperimentConfig, load_config
+from fedlora.report import SWEEP_INDEX, ReportError, ReportFiles, winners, write_report
 from fedlora.results import RoundRecord, default_run_dir
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning on Flower.")
 console = Console()
-USER_ERRORS = (ConfigError,)
+USER_ERRORS = (ConfigError, ReportError)
 
 
 def main() -> None:
     """Entry point: user errors print one line and exit 2, without a traceback."""
     try:
-        cli(standalone_mode=False)
+        code = cli(standalone_mode=False)
     except USER_ERRORS as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Exit as done:
         sys.exit(done.exit_code)
@@ -38,6 +40,8 @@ def main() -> None:
             err.show()
             sys.exit(2)
         raise
+    if isinstance(code, int) and code:  # click hands back typer.Exit(code) instead of exiting
+        sys.exit(code)
 
 
 SetOption = Annotated[
@@ -105,6 +109,53 @@ def strategies() -> None:
     for name, cls in STRATEGIES.items():
         table.add_row(name, cls.trains, cls.description)
     console.print(table)
+
+
+@cli.command()
+def compare(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Experiment TOML with a sweep section, e.g. simulations/compare_strategies.toml.")],
+    overrides: SetOption = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Sweep directory (default: output.dir/compare-<config name>).")] = None,
+) -> None:
+    """Run every variant of a config's sweep section (finished runs are kept), then write one report."""
+    from fedlora.sweep import load_sweep, run_sweep  # imports Flower and the strategies
+
+    sweep = load_sweep(config_path, overrides)
+    out_dir = out or sweep.default_out()
+    outcomes = run_sweep(sweep, out_dir, console)
+    files = write_report([out_dir], out_dir, f"fedlora compare: {config_path.stem}")  # its sweep.json lists the runs
+    _print_report(files)
+    failed = [outcome for outcome in outcomes if outcome.status == "failed"]
+    if failed:
+        console.print(f"[red]{len(failed)} run(s) failed[/red]; their error.txt says why; run the same command again to retry them", soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@cli.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run directories, or sweep directories (their runs).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Report directory (default: the sweep directory, or <parent of the runs>/report).")] = None,
+) -> None:
+    """Write the comparison report (HTML, Markdown, CSV, plots) from existing run directories."""
+    if out is None:
+        single_sweep = len(run_dirs) == 1 and (run_dirs[0] / SWEEP_INDEX).exists()
+        out = run_dirs[0] if single_sweep else run_dirs[0].resolve().parent / "report"
+    _print_report(write_report(run_dirs, out))
+
+
+def _print_report(files: ReportFiles) -> None:
+    comparison = files.comparison
+    best = winners(comparison)
+    mean = best[0].stat(lambda run: run.final_accuracy)[0]
+    console.print(
+        f"\n[bold]{len(comparison.runs)} runs, {len(comparison.variants)} variants[/bold]; "
+        f"best final accuracy {mean:.4f}: {' and '.join(variant.label for variant in best)}{' (tied)' if len(best) > 1 else ''}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if comparison.excluded:
+        console.print(f"not included: {len(comparison.excluded)} run(s) that failed or did not finish")
+    console.print(f"report: {files.html}\n        {files.markdown}\n        {files.csv}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":
