@@ -111,7 +111,6 @@ class StrategyConfig(_Section):
     svd_period: int = Field(1, ge=1)  # fedsvd: refactorize every this many rounds
     fair_lambda: float = Field(0.01, ge=0)  # lora_fair: weight of ||dB||
     fair_method: Literal["cosine", "lstsq"] = "cosine"
-    fair_steps: int = Field(50, ge=1)
 
 
 class PrivacyConfig(_Section):

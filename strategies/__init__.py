@@ -12,8 +12,9 @@ from strategies.base import LoraStrategy
 from strategies.fedit import FedIT
 from strategies.fedsvd import FedSVD
 from strategies.ffa_lora import FFALoRA
+from strategies.lora_fair import LoraFair
 
-STRATEGIES: dict[str, type[LoraStrategy]] = {cls.name: cls for cls in (FedIT, FFALoRA, FedSVD)}
+STRATEGIES: dict[str, type[LoraStrategy]] = {cls.name: cls for cls in (FedIT, FFALoRA, FedSVD, LoraFair)}
 
 
 def strategy_class(name: str) -> type[LoraStrategy]:

@@ -23,6 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fedlora.config import StrategyConfig
+from fedlora.lora import LoraState
+from strategies.base import LoraStrategy
+
 # Factors are thin (d x r) and the cores r x r or Kr x Kr: float64 is cheap here and keeps the
 # Gram-form identities accurate when the cosine is close to 1.
 _WORK_DTYPE = torch.float64
@@ -379,3 +383,42 @@ def _check_options(lam: float, method: str, refinements: int) -> None:
 
 
 # --- Flower strategy ---
+class LoraFair(LoraStrategy):
+    """Clients train A and B; the server averages both and corrects B̄ towards sum p_k B_k A_k.
+
+    Parameters (beside LoraStrategy's)
+    ----------------------------------
+    fair_lambda : float
+        Weight lam of ||dB||_F in the objective (0: the correction's size is free).
+    fair_method : str
+        "cosine" (the paper's objective, default) or "lstsq" (closed-form least squares).
+    """
+
+    name = "lora_fair"
+    description = "LoRA-FAIR: clients train A and B; the server corrects the averaged B towards the ideal update"
+    trains = "AB"
+
+    def __init__(self, *args: object, fair_lambda: float = 0.01, fair_method: str = "cosine", **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        _check_options(fair_lambda, fair_method, refinements=0)
+        self.fair_lambda = fair_lambda
+        self.fair_method = fair_method
+
+    @classmethod
+    def options(cls, config: StrategyConfig) -> dict[str, object]:
+        """fair_lambda and fair_method from [strategy]."""
+        return {"fair_lambda": config.fair_lambda, "fair_method": config.fair_method}
+
+    def aggregate_factors(self, global_state: LoraState, updates: list[LoraState], weights: Tensor) -> LoraState:
+        """Per layer: (B̄ + dB, Ā) from every client's (B_k, A_k)."""
+        factors = {}
+        for layer in global_state.factors:
+            b, a = lora_fair_correction(
+                [u.factors[layer]["B"] for u in updates],
+                [u.factors[layer]["A"] for u in updates],
+                weights,
+                self.fair_lambda,
+                method=self.fair_method,
+            )
+            factors[layer] = {"A": a, "B": b}
+        return LoraState(factors=factors)
