@@ -14,6 +14,7 @@ In simulation the experiment config comes from `build_client_app(config)`; deplo
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -21,10 +22,12 @@ from flwr.clientapp import ClientApp
 
 from clients.trainer import TrainPlan, poisson_sample_rate, train_local, train_local_private
 from fedlora import workspace
-from fedlora.config import ExperimentConfig, derive_seed, experiment_from_run_config
+from fedlora.attacks import flip_labels
+from fedlora.config import ExperimentConfig, experiment_from_run_config
 from fedlora.lora import LoraState
 from fedlora.model import evaluate, seeded
 from fedlora.privacy import DPSettings, PrivacyLedger
+from fedlora.seeds import derive_seed
 
 ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, INFO_KEY = "arrays", "config", "metrics", "info"
 LEDGER_KEY = "privacy-ledger"  # in context.state: the client's DP accountant history
@@ -60,6 +63,8 @@ def handle_train(message: Message, context: Context, experiment: ExperimentConfi
     config = message.content[CONFIG_KEY]
     server_round = int(config["server-round"])
     examples = workspace.client_examples(experiment, client_id)
+    if config.get("poison-labels", False):  # a simulated malicious client (label flipping)
+        examples = replace(examples, labels=flip_labels(examples.labels, int(config["num-labels"])))
     model = workspace.lora_model(experiment, int(config["num-labels"]))
     broadcast = LoraState.from_array_record(message.content[ARRAYS_KEY])
     broadcast.load_into(model)
@@ -128,6 +133,8 @@ def handle_evaluate(message: Message, context: Context, experiment: ExperimentCo
     client_id = client_id_of(context)
     config = message.content[CONFIG_KEY]
     examples = workspace.client_examples(experiment, client_id)
+    if config.get("poison-labels", False):  # a simulated malicious client (label flipping)
+        examples = replace(examples, labels=flip_labels(examples.labels, int(config["num-labels"])))
     model = workspace.lora_model(experiment, int(config["num-labels"]))
     LoraState.from_array_record(message.content[ARRAYS_KEY]).load_into(model)
     accuracy, loss = evaluate(model, examples)

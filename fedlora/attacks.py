@@ -29,6 +29,10 @@ coordinated). `apply_model_attack` looks an attack up by name and checks its par
 Label flipping is data poisoning and happens before training: `flip_labels` maps y to
 num_classes - 1 - y. Which clients are malicious is fixed for the whole run by
 `choose_malicious(num_clients, fraction, seed)`.
+
+`Adversary` is the simulated adversary of one run: it knows who is malicious, tells those
+clients to flip their labels (data poisoning) or rewrites their updates (model poisoning)
+before the server's defence sees them. Only the run's records read who was malicious.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from fedlora.seeds import derive_seed
 
 ModelAttack = Callable[..., Tensor]
 
@@ -281,3 +287,61 @@ def flip_labels(labels: Tensor, num_classes: int) -> Tensor:
 
 
 DATA_ATTACKS: dict[str, Callable[[Tensor, int], Tensor]] = {"label_flip": flip_labels}
+
+
+NO_ATTACK = "none"
+ATTACK_NAMES = (NO_ATTACK, *MODEL_ATTACKS, *DATA_ATTACKS)
+
+
+def check_attack(name: str, options: Mapping[str, Any]) -> None:
+    """Raise ValueError for an unknown attack or an option it does not take (config validation)."""
+    if name not in ATTACK_NAMES:
+        raise ValueError(f"unknown attack {name!r} (known: {', '.join(ATTACK_NAMES)})")
+    allowed = attack_parameters(name) if name in MODEL_ATTACKS else {}
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"attack {name!r} takes no option {', '.join(unknown)} (allowed: {', '.join(allowed) or 'none'})")
+
+
+# Model attacks that need this many honest updates of the round to compute theirs.
+_MIN_HONEST = {"alie": 2, "ipm": 1, "min_max": 2}
+
+
+class Adversary:
+    """The adversary of one simulated run.
+
+    Parameters
+    ----------
+    name, options : the attack (see ATTACK_NAMES) and its parameters.
+    num_clients, fraction : floor(fraction * num_clients) clients are malicious, for the whole run.
+    seed : the run's seed; who is malicious and every random draw of the attack derive from it.
+    """
+
+    def __init__(self, name: str, options: Mapping[str, Any], num_clients: int, fraction: float, seed: int) -> None:
+        check_attack(name, options)
+        self.name = name
+        self.options = dict(options)
+        self.seed = seed
+        active = name != NO_ATTACK
+        self.malicious = frozenset(choose_malicious(num_clients, fraction, derive_seed(seed, "malicious")) if active else [])
+
+    @property
+    def poisons_data(self) -> bool:
+        """Whether the malicious clients train on flipped labels."""
+        return self.name in DATA_ATTACKS and bool(self.malicious)
+
+    def rewrite(self, updates: Mapping[int, Tensor], server_round: int) -> dict[int, Tensor]:
+        """The replacement updates of this round's malicious clients (client id -> flattened update).
+
+        `updates` holds every valid update of the round; the adversary sees the honest ones.
+        Empty when the attack is not a model attack, no malicious client replied, or the round
+        has too few honest updates for the attack to be computed (they then send what they trained).
+        """
+        bad = sorted(c for c in updates if c in self.malicious)
+        honest = [updates[c] for c in sorted(updates) if c not in self.malicious]
+        if self.name not in MODEL_ATTACKS or not bad or len(honest) < _MIN_HONEST.get(self.name, 0):
+            return {}
+        own = torch.stack([updates[c] for c in bad])
+        honest_matrix = torch.stack(honest) if honest else own[:0]
+        poisoned = apply_model_attack(self.name, honest_matrix, own, derive_seed(self.seed, "attack", server_round), self.options)
+        return dict(zip(bad, poisoned))

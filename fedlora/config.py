@@ -7,13 +7,14 @@ the key and what is allowed (the CLI prints it and exits 2).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedlora.attacks import check_attack
 
 
 class ConfigError(ValueError):
@@ -111,6 +112,12 @@ class StrategyConfig(_Section):
     svd_period: int = Field(1, ge=1)  # fedsvd: refactorize every this many rounds
     fair_lambda: float = Field(0.01, ge=0)  # lora_fair: weight of ||dB||
     fair_method: Literal["cosine", "lstsq"] = "cosine"
+    # Robust aggregation wrapped around the strategy (names in strategies.DEFENCES):
+    # none, zprobe, krum, multikrum, median, trimmed_mean.
+    robust: str = "none"
+    # The defence's upper bound on the fraction of attackers among a round's replies: zPROBE's
+    # phi_max, Krum's f = floor(phi_max n), the trimmed mean's cut at each end.
+    phi_max: float = Field(0.25, ge=0, lt=0.5)
 
 
 class PrivacyConfig(_Section):
@@ -129,14 +136,19 @@ class PrivacyConfig(_Section):
 
 
 class AttackConfig(_Section):
-    """Simulated Byzantine clients (simulation only)."""
+    """Simulated Byzantine clients (simulation only; names in fedlora.attacks)."""
 
+    # none; a model-poisoning attack (sign_flip, scaling, gaussian_noise, alie, ipm, min_max),
+    # applied by the adversary to the malicious clients' replies; or label_flip (data poisoning).
     name: str = "none"
-    fraction: float = Field(0.0, ge=0, lt=1)
-    scale: float = 10.0  # scaling / sign flip factor
-    noise_std: float = Field(1.0, ge=0)
-    alie_z: float | None = None
-    ipm_eps: float = Field(0.5, gt=0)
+    fraction: float = Field(0.0, ge=0, lt=1)  # of all clients, chosen from the seed, fixed
+    # The attack's own parameters, e.g. {eps = 0.5} for ipm (see `attack_parameters`).
+    options: dict[str, float | str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_attack(self) -> AttackConfig:
+        check_attack(self.name, self.options)
+        return self
 
 
 class OutputConfig(_Section):
@@ -231,12 +243,6 @@ def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
             return None
         model = annotation
     return model
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from parts such as (run seed, client id, round): independent of process state."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def experiment_from_run_config(run_config: dict[str, Any], app_dir: Path | None = None) -> ExperimentConfig:

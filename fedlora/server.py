@@ -2,8 +2,9 @@
 
 Round loop (one ServerApp for simulation and deployment):
   handshake (query: which client is each node) -> round 0 evaluation ->
-  for each round: strategy.configure_train -> grid.send_and_receive -> strategy.aggregate_train
-  -> evaluate the global state on the held-out split -> one line of history.jsonl
+  for each round: strategy.configure_train -> grid.send_and_receive -> [simulated adversary:
+  the malicious clients' replies rewritten] -> strategy.aggregate_train (validation, defence,
+  aggregation) -> evaluate the global state on the held-out split -> one line of history.jsonl
   -> at the end: the adapter in peft's format and summary.json.
 """
 
@@ -21,13 +22,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora import workspace
+from fedlora.attacks import Adversary
 from fedlora.config import ExperimentConfig, experiment_from_run_config
 from fedlora.lora import LoraState
 from fedlora.model import evaluate, export_adapter
 from fedlora.privacy import DPSettings
 from fedlora.results import RoundRecord, RunRecorder
 from strategies import build_strategy
-from strategies.base import LoraStrategy
+from strategies.base import ARRAYS_KEY, CONFIG_KEY, LoraStrategy, check_against
 
 RoundCallback = Callable[[RoundRecord], None]
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -95,6 +97,46 @@ def dp_settings(config: ExperimentConfig) -> DPSettings:
     )
 
 
+def instruct_poisoners(adversary: Adversary, messages: list[Message], clients: dict[int, int]) -> None:
+    """Tell this round's malicious clients to train on flipped labels (data poisoning)."""
+    for message in messages:
+        if clients[message.metadata.dst_node_id] in adversary.malicious:
+            config = ConfigRecord(dict(message.content[CONFIG_KEY]))  # the record is shared by all messages
+            config["poison-labels"] = True
+            message.content[CONFIG_KEY] = config
+
+
+def poison_replies(adversary: Adversary, replies: list[Message], strategy: LoraStrategy, server_round: int) -> None:
+    """Let the adversary rewrite its clients' updates, knowing every well-formed reply of the round."""
+    states: dict[int, tuple[Message, LoraState]] = {}
+    for reply in replies:
+        client = strategy.clients.get(reply.metadata.src_node_id)
+        if reply.has_error() or client is None or ARRAYS_KEY not in reply.content.array_records:
+            continue
+        state = LoraState.from_array_record(reply.content[ARRAYS_KEY])
+        if check_against(state, strategy.global_state, strategy.trains, strategy.train_head) is None:
+            states[client] = (reply, state)
+    deltas = {client: state.minus(strategy.global_state) for client, (_, state) in states.items()}
+    rewritten = adversary.rewrite({client: delta.flatten() for client, delta in deltas.items()}, server_round)
+    for client, update in rewritten.items():
+        reply, _ = states[client]
+        poisoned = strategy.global_state.plus(deltas[client].unflatten(update))
+        reply.content[ARRAYS_KEY] = poisoned.to_array_record()
+
+
+def detection_record(adversary: Adversary, seen: list[int], flagged: list[int]) -> dict[str, object]:
+    """Who among the round's valid replies was malicious, and how well the defence flagged them."""
+    malicious = sorted(set(seen) & adversary.malicious)
+    honest = sorted(set(seen) - adversary.malicious)
+    caught = set(flagged) & adversary.malicious
+    return {
+        "malicious": malicious,
+        "flagged": sorted(flagged),
+        "tpr": len(caught) / len(malicious) if malicious else None,
+        "fpr": len(set(flagged) - adversary.malicious) / len(honest) if honest else None,
+    }
+
+
 class PrivacyBoard:
     """The latest privacy figures each client reported (its epsilon is cumulative)."""
 
@@ -131,6 +173,8 @@ def run_federation(
     model = workspace.lora_model(config, task.num_labels)
     clients = discover_clients(grid, config.federation.num_clients)
     strategy = build_strategy(config, clients)
+    attack = config.attack
+    adversary = Adversary(attack.name, attack.options, config.federation.num_clients, attack.fraction, config.seed)
     recorder = RunRecorder(run_dir, config)
     state = strategy.initial_state(workspace.initial_state(config, task.num_labels))
     strategy.summary()
@@ -146,8 +190,12 @@ def run_federation(
     privacy = PrivacyBoard()
     for server_round in range(1, config.federation.rounds + 1):
         round_started = time.perf_counter()
-        messages = strategy.configure_train(server_round, arrays, base_config, grid)
+        messages = list(strategy.configure_train(server_round, arrays, base_config, grid))
+        if adversary.poisons_data:
+            instruct_poisoners(adversary, messages, clients)
         replies = list(grid.send_and_receive(messages, timeout=config.federation.round_timeout))
+        if adversary.malicious:
+            poison_replies(adversary, replies, strategy, server_round)
         new_arrays, metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
@@ -157,6 +205,9 @@ def run_federation(
         log_ = strategy.last_round  # what the strategy saw this round
         privacy.update(log_.client_metrics)
         epsilon_max, epsilon_mean = privacy.epsilon_max_mean()
+        extra = dict(log_.extra, dropped=log_.dropped) if log_.dropped else dict(log_.extra)
+        if adversary.malicious:
+            extra.update(detection_record(adversary, log_.accepted + log_.dropped, log_.dropped))
         record = RoundRecord(
             round=server_round,
             accuracy=accuracy,
@@ -174,7 +225,7 @@ def run_federation(
             rejected=log_.rejected,
             refused=log_.refused,
             skipped=log_.skipped,
-            extra=dict(log_.extra, dropped=log_.dropped) if log_.dropped else dict(log_.extra),
+            extra=extra,
         )
         _emit(recorder, record, on_round)
     state.load_into(model)
@@ -186,6 +237,7 @@ def run_federation(
             "num_clients": len(clients),
             "run_dir": str(run_dir),
             "privacy": privacy.summary() if config.privacy.enabled else None,
+            "malicious": sorted(adversary.malicious),
         },
     )
 

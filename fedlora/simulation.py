@@ -10,10 +10,10 @@ from typing import Any
 from flwr.simulation import run_simulation
 
 from clients.app import build_client_app
-from fedlora.config import ExperimentConfig
+from fedlora.config import ConfigError, ExperimentConfig
 from fedlora.results import SUMMARY, read_summary
 from fedlora.server import RoundCallback, build_server_app
-from strategies import strategy_class
+from strategies import defence_class, strategy_class
 
 
 class SimulationError(RuntimeError):
@@ -33,8 +33,14 @@ def backend_config(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def check_runnable(config: ExperimentConfig) -> None:
-    """Refuse, before anything starts, what only the registries can judge (strategy names)."""
+    """Refuse, before anything starts, what only the registries can judge (strategy and defence names)."""
     strategy_class(config.strategy.name)
+    defence = defence_class(config.strategy.robust)
+    per_round = config.federation.clients_per_round
+    if defence is not None and per_round < defence.min_clients:
+        raise ConfigError(
+            f"federation.clients_per_round: {defence.name} needs at least {defence.min_clients} clients a round (got {per_round})"
+        )
 
 
 def simulate(config: ExperimentConfig, run_dir: Path, on_round: RoundCallback | None = None) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Aggregation strategies, one module each, registered by name.
 
-`STRATEGIES` maps a config's `strategy.name` to its class; `build_strategy` makes one from an
-experiment config. To add a strategy: write a module with a `LoraStrategy` subclass and list it
-below.
+`STRATEGIES` maps a config's `strategy.name` to its class, `DEFENCES` its `strategy.robust` to
+a robust rule; `build_strategy` makes the strategy, with its defence, from an experiment config.
+To add a strategy: write a module with a `LoraStrategy` subclass and list it below (a defence:
+a `Defence` subclass).
 """
 
 from __future__ import annotations
@@ -12,9 +13,18 @@ from strategies.base import LoraStrategy
 from strategies.fedit import FedIT
 from strategies.fedsvd import FedSVD
 from strategies.ffa_lora import FFALoRA
+from strategies.krum import KrumDefence, MultiKrumDefence
 from strategies.lora_fair import LoraFair
+from strategies.median import MedianDefence
+from strategies.robust import Defence
+from strategies.trimmed_mean import TrimmedMeanDefence
+from strategies.zprobe import ZProbeDefence
 
 STRATEGIES: dict[str, type[LoraStrategy]] = {cls.name: cls for cls in (FedIT, FFALoRA, FedSVD, LoraFair)}
+NO_DEFENCE = "none"
+DEFENCES: dict[str, type[Defence]] = {
+    cls.name: cls for cls in (ZProbeDefence, KrumDefence, MultiKrumDefence, MedianDefence, TrimmedMeanDefence)
+}
 
 
 def strategy_class(name: str) -> type[LoraStrategy]:
@@ -25,12 +35,31 @@ def strategy_class(name: str) -> type[LoraStrategy]:
         raise ConfigError(f"strategy.name: unknown strategy {name!r} (known: {', '.join(STRATEGIES)})") from None
 
 
+def defence_class(name: str) -> type[Defence] | None:
+    """The registered defence for a name (None for "none"); a ConfigError listing the names otherwise."""
+    if name == NO_DEFENCE:
+        return None
+    try:
+        return DEFENCES[name]
+    except KeyError:
+        known = ", ".join([NO_DEFENCE, *DEFENCES])
+        raise ConfigError(f"strategy.robust: unknown defence {name!r} (known: {known})") from None
+
+
 def build_strategy(config: ExperimentConfig, clients: dict[int, int]) -> LoraStrategy:
-    """The strategy an experiment config names, for the given connected clients."""
-    cls = strategy_class(config.strategy.name)
-    return cls.from_config(config, clients)
+    """The strategy an experiment config names, behind its defence, for the given connected clients."""
+    strategy = strategy_class(config.strategy.name).from_config(config, clients)
+    defence = defence_class(config.strategy.robust)
+    if defence is not None:
+        strategy.defence = defence(config.strategy.phi_max)
+    return strategy
 
 
 def describe() -> list[tuple[str, str]]:
     """(name, one-line description) of every registered strategy."""
     return [(name, cls.description) for name, cls in STRATEGIES.items()]
+
+
+def describe_defences() -> list[tuple[str, str]]:
+    """(name, one-line description) of every registered defence."""
+    return [(name, cls.description) for name, cls in DEFENCES.items()]

@@ -4,9 +4,10 @@ A concrete strategy declares which factors its clients train (`trains = "B"` or 
 writes one method, `aggregate_factors(global_state, updates, weights) -> new_state`. This base
 class does the rest: seeded client sampling, the train message, validation of every reply
 before any math (keys, shapes, dtypes, NaN/Inf, strategy-specific checks), weighting by
-examples, averaging the classification head, and counting bytes up and down. What happened in
-a round (rejections and their reasons, bytes, client metrics) is left in `last_round` for the
-server to record.
+examples, averaging the classification head, counting bytes up and down, and running the
+optional robust defence (strategies/robust.py) between validation and aggregation. What
+happened in a round (rejections and their reasons, clients the defence dropped, bytes, client
+metrics) is left in `last_round` for the server to record.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from flwr.serverapp.strategy import Strategy
 
 from fedlora.config import ExperimentConfig, StrategyConfig
 from fedlora.lora import LoraRecordError, LoraState
+from fedlora.seeds import derive_seed
+from strategies.robust import Defence
 
 # Keys of the records exchanged with clients (shared with clients/app.py by convention,
 # since strategies and clients never import each other).
@@ -83,6 +86,8 @@ class LoraStrategy(Strategy):
         Seeds client sampling: same seed, same clients each round.
     train_head : bool
         Whether clients train the classification head (then it is averaged by examples).
+    defence : Defence | None
+        A robust rule screening the valid updates before aggregation (None: aggregate them all).
     """
 
     name: ClassVar[str]
@@ -96,6 +101,7 @@ class LoraStrategy(Strategy):
         min_replies: int = 1,
         seed: int = 0,
         train_head: bool = True,
+        defence: Defence | None = None,
     ) -> None:
         if clients_per_round > len(clients):
             raise ValueError(f"{clients_per_round} clients per round but only {len(clients)} clients connected")
@@ -104,6 +110,7 @@ class LoraStrategy(Strategy):
         self.min_replies = min_replies
         self.seed = seed
         self.train_head = train_head
+        self.defence = defence
         self.global_state = LoraState()
         self.last_round = RoundLog()
         self.server_round = 0
@@ -140,10 +147,6 @@ class LoraStrategy(Strategy):
     def check_update(self, update: ClientUpdate) -> str | None:
         """A strategy-specific reason to refuse a reply, or None to accept it."""
         return None
-
-    def filter_updates(self, server_round: int, updates: list[ClientUpdate]) -> list[ClientUpdate]:
-        """Drop updates before aggregation (robust wrappers override this; default keeps all)."""
-        return updates
 
     # --- Flower Strategy ------------------------------------------------------------------
     def summary(self) -> None:
@@ -185,15 +188,15 @@ class LoraStrategy(Strategy):
         round_log = self.last_round
         round_log.client_seconds = time.perf_counter() - self._sent_at
         updates = [u for u in (self._validate(m) for m in replies) if u is not None]
-        kept = self.filter_updates(server_round, updates)
+        started = time.perf_counter()
+        kept, robust_update = self._defend(server_round, updates)
         round_log.dropped = sorted({u.client_id for u in updates} - {u.client_id for u in kept})
         round_log.accepted = sorted(u.client_id for u in kept)
         if len(kept) < self.min_replies:
             round_log.skipped = True
-            log(WARNING, "round %d skipped: %d valid replies, at least %d needed", server_round, len(kept), self.min_replies)
+            log(WARNING, "round %d skipped: %d valid replies kept, at least %d needed", server_round, len(kept), self.min_replies)
             return None, None
-        started = time.perf_counter()
-        new_state = self._aggregate(kept)
+        new_state = self._aggregate([robust_update] if robust_update else kept)
         round_log.aggregate_seconds = time.perf_counter() - started
         self.global_state = new_state
         return new_state.to_array_record(), self._train_metrics(kept)
@@ -216,6 +219,26 @@ class LoraStrategy(Strategy):
         )
 
     # --- internals ------------------------------------------------------------------------
+    def _defend(self, server_round: int, updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], ClientUpdate | None]:
+        """The updates the defence keeps, and the update it computed itself (median, trimmed mean) if any."""
+        if self.defence is None or not updates:
+            return updates, None
+        if len(updates) < self.defence.min_clients:  # fail closed: see strategies/robust.py
+            self.last_round.extra["defence"] = {"name": self.defence.name, "too_few_replies": len(updates)}
+            return [], None
+        deltas = [u.state.minus(self.global_state) for u in updates]
+        examples = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
+        screening = self.defence.screen(
+            torch.stack([d.flatten() for d in deltas]), examples / examples.sum(), derive_seed(self.seed, "defence", server_round)
+        )
+        self.last_round.extra["defence"] = {"name": self.defence.name, **screening.stats}
+        kept = [updates[i] for i in screening.kept]
+        if screening.aggregate is None or not kept:
+            return kept, None
+        # The robust statistic enters the strategy's own aggregation as one client's update.
+        state = self.global_state.plus(deltas[0].unflatten(screening.aggregate))
+        return kept, ClientUpdate(-1, state, sum(u.num_examples for u in kept), {}, {})
+
     def _aggregate(self, updates: list[ClientUpdate]) -> LoraState:
         weights = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
         weights = weights / weights.sum()

@@ -38,7 +38,6 @@ def refactorize(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     _check_factors(B, A)
     if not torch.any(B):
         return B, A
-    rank = B.shape[1]
     q_b, r_b = torch.linalg.qr(B.to(_WORK_DTYPE))  # d_out x kb, kb x r, kb = min(d_out, r)
     q_a, r_a = torch.linalg.qr(A.to(_WORK_DTYPE).T)  # d_in x ka, ka x r, ka = min(d_in, r)
     # B A = q_b (r_b r_a^T) q_a^T: the SVD of the small core gives the SVD of B A.

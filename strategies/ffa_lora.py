@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from fedlora.config import derive_seed
 from fedlora.lora import LoraState
+from fedlora.seeds import derive_seed
 from strategies.base import ClientUpdate, LoraStrategy, weighted_sum
 
 

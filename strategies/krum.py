@@ -1,6 +1,6 @@
 """Krum and Multi-Krum (Blanchard et al., NeurIPS 2017): keep the updates closest to their neighbours.
 
-Math only (the Flower wiring lives elsewhere). Each client's score is the sum of squared
+Each client's score is the sum of squared
 Euclidean distances to its n - f - 2 nearest other updates, f being the number of attackers
 assumed; Krum returns the update with the lowest score, Multi-Krum the weighted average of the
 `keep` lowest. The guarantee needs n >= 2 f + 3.
@@ -15,25 +15,13 @@ On the same inputs (without ties) it returns what Flower's function returns; the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-
-def _check_updates(name: str, updates: Tensor, weights: Tensor | Sequence[float] | None) -> Tensor:
-    """Validated float64 weights (ones when None) for an n x dim float tensor of updates."""
-    if updates.ndim != 2 or updates.shape[0] == 0 or not updates.is_floating_point():
-        raise ValueError(
-            f"{name}: updates must be a non-empty 2-D float tensor (clients x dim), got {updates.dtype} {tuple(updates.shape)}"
-        )
-    if not torch.isfinite(updates).all():
-        raise ValueError(f"{name}: updates hold NaN or Inf; validate replies before aggregating")
-    n = updates.shape[0]
-    w = torch.ones(n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64).cpu()
-    if w.shape != (n,) or not torch.isfinite(w).all() or (w < 0).any():
-        raise ValueError(f"{name}: weights must be {n} finite non-negative numbers, got {weights!r}")
-    return w
+from strategies.robust import Defence, Screening, check_updates
 
 
 def krum_scores(updates: Tensor, num_malicious: int) -> Tensor:
@@ -58,7 +46,7 @@ def krum(
     `keep` selected ones weighted by `weights` (Multi-Krum; uniform when None), and the sorted
     indices of the selected and of the other clients. num_malicious is f, the attackers assumed.
     """
-    w = _check_updates("krum", updates, weights)
+    w = check_updates("krum", updates, weights)
     n = updates.shape[0]
     if not 1 <= keep <= n:
         raise ValueError(f"krum: keep must be in [1, {n}], got {keep}")
@@ -75,3 +63,34 @@ def krum(
         aggregate = (p[:, None] * updates[selected].to(torch.float64)).sum(dim=0).to(updates.dtype)
     dropped = [i for i in range(n) if i not in set(selected)]
     return aggregate, selected, dropped
+
+
+# --- Defence ---
+class KrumDefence(Defence):
+    """Krum: keep the one update with the lowest score (f = floor(phi_max n), capped so n >= 2 f + 3)."""
+
+    name = "krum"
+    description = "Krum: keep the single update closest to its n - f - 2 nearest neighbours"
+    min_clients = 3  # a score needs n - f - 2 >= 1 neighbours
+
+    def keep(self, n: int, f: int) -> int:
+        """How many updates survive: one for Krum."""
+        return 1
+
+    def screen(self, updates: Tensor, weights: Tensor, seed: int) -> Screening:
+        """The selected clients; the strategy averages them (one client: its update as is)."""
+        n = updates.shape[0]
+        f = min(math.floor(self.phi_max * n), (n - 3) // 2)
+        _, selected, _ = krum(updates, weights, num_malicious=f, keep=self.keep(n, f))
+        return Screening(kept=selected, stats={"assumed_malicious": f})
+
+
+class MultiKrumDefence(KrumDefence):
+    """Multi-Krum: keep the n - f updates with the lowest Krum scores."""
+
+    name = "multikrum"
+    description = "Multi-Krum: keep the n - f updates with the lowest Krum scores, average them"
+
+    def keep(self, n: int, f: int) -> int:
+        """n - f updates survive."""
+        return n - f

@@ -1,6 +1,6 @@
 """Coordinate-wise trimmed mean (Yin et al., ICML 2018): per coordinate, drop the extremes, average the rest.
 
-Math only (the Flower wiring lives elsewhere). With n clients and fraction beta, each
+With n clients and fraction beta, each
 coordinate drops its floor(beta * n) smallest and floor(beta * n) largest values and averages
 the others; beta must lie in [0, 0.5). This is exactly Flower's
 `flwr.server.strategy.aggregate.aggregate_trimmed_avg` (scipy's trim_mean rule), which is
@@ -21,29 +21,30 @@ import torch
 from flwr.server.strategy.aggregate import aggregate_trimmed_avg
 from torch import Tensor
 
-
-def _check_updates(name: str, updates: Tensor, weights: Tensor | Sequence[float] | None) -> None:
-    """Raise ValueError unless updates is a finite n x dim float tensor and weights (if any) n non-negative numbers."""
-    if updates.ndim != 2 or updates.shape[0] == 0 or not updates.is_floating_point():
-        raise ValueError(
-            f"{name}: updates must be a non-empty 2-D float tensor (clients x dim), got {updates.dtype} {tuple(updates.shape)}"
-        )
-    if not torch.isfinite(updates).all():
-        raise ValueError(f"{name}: updates hold NaN or Inf; validate replies before aggregating")
-    if weights is not None:
-        w = torch.as_tensor(weights, dtype=torch.float64).cpu()
-        if w.shape != (updates.shape[0],) or not torch.isfinite(w).all() or (w < 0).any():
-            raise ValueError(f"{name}: weights must be {updates.shape[0]} finite non-negative numbers, got {weights!r}")
+from strategies.robust import Defence, Screening, check_updates
 
 
 def trimmed_mean(
     updates: Tensor, weights: Tensor | Sequence[float] | None = None, *, beta: float
 ) -> tuple[Tensor, list[int], list[int]]:
     """(per-coordinate beta-trimmed mean of the n x dim updates, all indices kept, none dropped)."""
-    _check_updates("trimmed_mean", updates, weights)
+    check_updates("trimmed_mean", updates, weights)
     if not (math.isfinite(beta) and 0.0 <= beta < 0.5):
         raise ValueError(f"trimmed_mean: beta must be in [0, 0.5), got {beta}")
     arrays = updates.detach().to(torch.float64).cpu().numpy()
     (mean,) = aggregate_trimmed_avg([([row], 1) for row in arrays], proportiontocut=beta)
     aggregate = torch.from_numpy(mean).to(dtype=updates.dtype, device=updates.device)
     return aggregate, list(range(updates.shape[0])), []
+
+
+# --- Defence ---
+class TrimmedMeanDefence(Defence):
+    """The coordinate-wise mean without the phi_max fraction of extremes at each end."""
+
+    name = "trimmed_mean"
+    description = "coordinate-wise mean after cutting a phi_max fraction at each end"
+
+    def screen(self, updates: Tensor, weights: Tensor, seed: int) -> Screening:
+        """Every client kept; the trimmed mean is the round's update."""
+        aggregate, kept, _ = trimmed_mean(updates, weights, beta=self.phi_max)
+        return Screening(kept=kept, aggregate=aggregate, stats={"trimmed_each_end": math.floor(self.phi_max * updates.shape[0])})

@@ -123,6 +123,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from strategies.robust import Defence, Screening
+
 # Secure aggregation works in the ring Z mod 2^64 with this many fractional bits: resolution
 # 2^-32 (2.3e-10) and sums up to 2^31 in magnitude, far beyond LoRA update magnitudes.
 FIXED_POINT_BITS = 32
@@ -721,4 +723,20 @@ def simulate_round(updates: Sequence[Tensor], params: ZProbeParams, seed: int, r
     return zprobe_filter(masked, clusters, make_prover(updates), params, seed, upload)
 
 
-# --- Flower strategy ---
+# --- Defence ---
+class ZProbeDefence(Defence):
+    """The zPROBE-style filter: clients failing the masked cluster check are dropped.
+
+    Parameters come from `default_parameters(n, phi_max)` for each round's n replies, which
+    needs at least 3 clusters of 3.
+    """
+
+    name = "zprobe"
+    description = "zPROBE-style filter: masked cluster sums, robust bounds, per-client pass/fail checks"
+    min_clients = 9
+
+    def screen(self, updates: Tensor, weights: Tensor, seed: int) -> Screening:
+        """The clients that passed, with the filter's public statistics."""
+        params = default_parameters(updates.shape[0], self.phi_max)
+        result = simulate_round(list(updates), params, seed)
+        return Screening(kept=result.accepted, stats=result.summary())

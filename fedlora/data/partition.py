@@ -6,8 +6,8 @@ import datasets
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
-    PathologicalPartitioner,
     Partitioner,
+    PathologicalPartitioner,
 )
 
 from fedlora.config import ConfigError, DataConfig

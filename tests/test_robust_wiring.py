@@ -1,0 +1,171 @@
+"""Defences and the simulated adversary wired into the strategies and the server round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ConfigRecord
+
+from fedlora.attacks import Adversary, choose_malicious
+from fedlora.config import ConfigError
+from fedlora.lora import LoraState
+from fedlora.results import read_history, read_summary
+from fedlora.seeds import derive_seed
+from fedlora.server import detection_record, instruct_poisoners, poison_replies
+from fedlora.simulation import check_runnable, simulate
+from strategies import DEFENCES, build_strategy, defence_class
+from strategies.fedit import FedIT
+from strategies.fedsvd import FedSVD
+from strategies.ffa_lora import FFALoRA
+from strategies.median import MedianDefence
+from strategies.zprobe import ZProbeDefence
+from tests.conftest import tiny_config
+from tests.test_strategy_base import client_reply, global_state
+
+pytestmark = pytest.mark.usefixtures("flower_task")
+
+N = 12
+NODES = {100 + k: k for k in range(N)}
+
+
+def honest_state(seed: int, scale: float = 0.01) -> LoraState:
+    """The global state moved by a small random step, as an honest client's reply."""
+    state = global_state().clone()
+    g = torch.Generator().manual_seed(seed)
+    for parts in state.factors.values():
+        for name in parts:
+            parts[name] += scale * torch.randn(parts[name].shape, generator=g)
+    for name in state.head:
+        state.head[name] = state.head[name] + scale * torch.randn(state.head[name].shape, generator=g)
+    return state
+
+
+def run_round(strategy, states: dict[int, LoraState]) -> LoraState:
+    list(strategy.configure_train(1, global_state().to_array_record(), ConfigRecord(), grid=None))
+    replies = [client_reply(node, states[client]) for node, client in NODES.items() if client in states]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return LoraState.from_array_record(arrays)
+
+
+def test_zprobe_drops_a_far_attacker_and_the_strategy_averages_the_rest() -> None:
+    states = {k: honest_state(k) for k in range(N)}
+    step = states[3].minus(global_state())
+    states[3] = global_state().plus(step.unflatten(-50 * step.flatten()))  # client 3 attacks
+    strategy = FedIT(NODES, clients_per_round=N, defence=ZProbeDefence(0.25))
+    result = run_round(strategy, states)
+    assert strategy.last_round.dropped == [3]
+    assert strategy.last_round.extra["defence"]["name"] == "zprobe"
+    # What the filter kept is aggregated exactly as FedIT aggregates those clients alone.
+    plain = FedIT({n: c for n, c in NODES.items() if c != 3}, clients_per_round=N - 1)
+    expected = run_round(plain, {k: s for k, s in states.items() if k != 3})
+    assert all(torch.allclose(result.tensors()[k], t) for k, t in expected.tensors().items())
+
+
+def test_median_defence_feeds_its_statistic_to_the_strategy_as_one_update() -> None:
+    states = {k: honest_state(k) for k in range(5)}
+    nodes = {100 + k: k for k in range(5)}
+    strategy = FedIT(nodes, clients_per_round=5, defence=MedianDefence())
+    list(strategy.configure_train(1, global_state().to_array_record(), ConfigRecord(), grid=None))
+    arrays, _ = strategy.aggregate_train(1, [client_reply(n, states[c]) for n, c in nodes.items()])
+    result = LoraState.from_array_record(arrays)
+    stacked = torch.stack([s.flatten() for s in states.values()])
+    expected = global_state().unflatten(stacked.median(dim=0).values)  # 5 clients: the middle value
+    assert all(torch.allclose(result.tensors()[k], t, atol=1e-6) for k, t in expected.tensors().items())
+    assert strategy.last_round.dropped == [] and strategy.last_round.accepted == list(range(5))
+
+
+def test_b_only_strategies_screen_and_keep_their_own_aggregation() -> None:
+    """FedSVD behind the median: the median of the B updates, then FedSVD's refactorization."""
+    g = global_state()
+    states = {k: honest_state(k).select("B", head=True) for k in range(5)}
+    nodes = {100 + k: k for k in range(5)}
+    strategy = FedSVD(nodes, clients_per_round=5, defence=MedianDefence())
+    list(strategy.configure_train(1, g.to_array_record(), ConfigRecord(), grid=None))
+    arrays, _ = strategy.aggregate_train(1, [client_reply(n, states[c]) for n, c in nodes.items()])
+    result = LoraState.from_array_record(arrays)
+    for layer, parts in result.factors.items():
+        b_median = torch.stack([states[k].factors[layer]["B"] for k in range(5)]).median(dim=0).values
+        product = parts["B"] @ parts["A"]
+        assert torch.allclose(product, b_median @ g.factors[layer]["A"], atol=1e-5)
+
+
+def test_a_defence_with_too_few_replies_fails_closed() -> None:
+    strategy = FedIT({100 + k: k for k in range(4)}, clients_per_round=4, defence=ZProbeDefence(0.25))
+    list(strategy.configure_train(1, global_state().to_array_record(), ConfigRecord(), grid=None))
+    arrays, _ = strategy.aggregate_train(1, [client_reply(100 + k, honest_state(k)) for k in range(4)])
+    assert arrays is None and strategy.last_round.skipped
+    assert strategy.last_round.extra["defence"]["too_few_replies"] == 4
+
+
+def test_registry_and_config_refuse_unknown_names_and_impossible_rounds() -> None:
+    assert set(DEFENCES) == {"zprobe", "krum", "multikrum", "median", "trimmed_mean"}
+    assert defence_class("none") is None
+    with pytest.raises(ConfigError, match="unknown defence 'krumm'"):
+        defence_class("krumm")
+    with pytest.raises(ConfigError, match="zprobe needs at least 9 clients a round"):
+        check_runnable(tiny_config("strategy.robust='zprobe'"))
+    with pytest.raises(ConfigError, match="attack.*unknown attack 'signflip'"):
+        tiny_config("attack.name='signflip'")
+    with pytest.raises(ConfigError, match="takes no option sigma"):
+        tiny_config("attack.name='ipm'", "attack.options.sigma=1.0")
+    strategy = build_strategy(tiny_config("strategy.robust='krum'", "strategy.phi_max=0.2"), {1: 0, 2: 1, 3: 2})
+    assert strategy.defence.name == "krum" and strategy.defence.phi_max == 0.2
+
+
+def test_adversary_rewrites_only_its_clients_and_flags_are_scored() -> None:
+    adversary = Adversary("ipm", {"eps": 2.0}, num_clients=N, fraction=0.25, seed=3)
+    assert sorted(adversary.malicious) == choose_malicious(N, 0.25, derive_seed(3, "malicious"))
+    strategy = FFALoRA(NODES, clients_per_round=N, seed=3)
+    base = global_state()
+    list(strategy.configure_train(1, base.to_array_record(), ConfigRecord(), grid=None))
+    states = {k: honest_state(k).select("B", head=True) for k in range(N)}
+    replies = [client_reply(node, states[c]) for node, c in NODES.items()]
+    poison_replies(adversary, replies, strategy, server_round=1)
+    received = {NODES[r.metadata.src_node_id]: LoraState.from_array_record(r.content["arrays"]) for r in replies}
+    honest = [k for k in range(N) if k not in adversary.malicious]
+    honest_mean = torch.stack([states[k].minus(base).flatten() for k in honest]).mean(dim=0)
+    for client, state in received.items():
+        if client in adversary.malicious:  # IPM: -eps times the honest mean
+            assert torch.allclose(state.minus(base).flatten(), -2.0 * honest_mean, atol=1e-6)
+        else:
+            assert all(torch.equal(state.tensors()[k], t) for k, t in states[client].tensors().items())
+    bad = sorted(adversary.malicious)
+    record = detection_record(adversary, seen=list(range(N)), flagged=[bad[0], honest[0]])
+    assert record["malicious"] == bad
+    assert record["tpr"] == pytest.approx(1 / len(bad)) and record["fpr"] == pytest.approx(1 / len(honest))
+
+
+def test_label_flippers_are_told_so_in_their_own_train_message() -> None:
+    adversary = Adversary("label_flip", {}, num_clients=N, fraction=0.25, seed=1)
+    assert adversary.poisons_data
+    strategy = FedIT(NODES, clients_per_round=N)
+    messages = list(strategy.configure_train(1, global_state().to_array_record(), ConfigRecord({"lr": 0.1}), grid=None))
+    instruct_poisoners(adversary, messages, NODES)
+    flagged = {NODES[m.metadata.dst_node_id] for m in messages if m.content["config"].get("poison-labels", False)}
+    assert flagged == set(adversary.malicious)
+    assert all(m.content["config"]["lr"] == 0.1 for m in messages)
+
+
+@pytest.mark.e2e
+def test_one_attacker_against_the_zprobe_filter_through_ray(tmp_path: Path) -> None:
+    config = tiny_config(
+        "federation.num_clients=10",
+        "federation.clients_per_round=10",
+        "federation.min_replies=5",
+        "attack.name='scaling'",
+        "attack.fraction=0.1",
+        "attack.options.factor=-20.0",
+        "strategy.robust='zprobe'",
+        "strategy.phi_max=0.2",
+    )
+    simulate(config, tmp_path / "run")
+    history, summary = read_history(tmp_path / "run"), read_summary(tmp_path / "run")
+    (attacker,) = summary["malicious"]
+    for record in history[1:]:
+        extra = record["extra"]
+        assert extra["malicious"] == [attacker]
+        assert attacker in extra["flagged"] and attacker not in record["clients"]
+        assert extra["tpr"] == 1.0 and extra["fpr"] <= 0.2
+        assert extra["defence"]["name"] == "zprobe"
