@@ -9,7 +9,8 @@ Handlers:
 - evaluate: accuracy and loss of the broadcast state on the client's own examples.
 
 In simulation the experiment config comes from `build_client_app(config)`; deployed with
-`flwr run`, the module-level `app` reads it from the run config (see pyproject.toml).
+`flwr run`, the module-level `app` reads it from the run config (see pyproject.toml). A deployed
+node's own data set and device come from its node config (data-path, device: fedlora/node.py).
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ from fedlora.attacks import flip_labels
 from fedlora.config import ExperimentConfig, experiment_from_run_config
 from fedlora.lora import LoraState
 from fedlora.model import evaluate, seeded
+from fedlora.node import node_experiment
 from fedlora.privacy import DPSettings, PrivacyLedger
 from fedlora.seeds import derive_seed
 
 ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, INFO_KEY = "arrays", "config", "metrics", "info"
-LEDGER_KEY = "privacy-ledger"  # in context.state: the client's DP accountant history
+# The client's DP accountant history: kept in context.state, reported in every reply, and
+# restored from the train message when context.state lost it (a resumed run, a restarted node).
+LEDGER_KEY = "privacy-ledger"
 APP_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -79,27 +83,28 @@ def handle_train(message: Message, context: Context, experiment: ExperimentConfi
     metrics: dict[str, float] = {"num-examples": len(examples)}
     info = ConfigRecord({"a-digest": broadcast.digest("A"), "client-id": client_id})
     settings = DPSettings.from_config(config)
+    extra_records: dict[str, ConfigRecord] = {}
     with seeded(plan.seed):  # dropout and DP noise draw from the global generator
         if settings is None:
             result = train_local(model, examples, plan)
         else:
-            ledger = restore_ledger(context, settings, len(examples), plan.batch_size)
+            ledger = restore_ledger(context, message, settings, len(examples), plan.batch_size)
             metrics.update(privacy_metrics(ledger, settings))
             if not ledger.can_afford(settings, plan.local_steps):
                 return refusal(message, metrics, info, ledger, settings, plan.local_steps)
             result = train_local_private(model, examples, plan, settings, ledger)
-            context.state[LEDGER_KEY] = ledger.to_record()
+            context.state[LEDGER_KEY] = extra_records[LEDGER_KEY] = ledger.to_record()
             metrics.update(privacy_metrics(ledger, settings))
     metrics.update({"train-loss": result.loss, "train-steps": result.steps, "train-seconds": result.seconds})
-    content = RecordDict(
-        {ARRAYS_KEY: result.state.select(plan.trains, plan.train_head).to_array_record(), METRICS_KEY: MetricRecord(metrics), INFO_KEY: info}
-    )
+    arrays = result.state.select(plan.trains, plan.train_head).to_array_record()
+    content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics), INFO_KEY: info, **extra_records})
     return Message(content, reply_to=message)
 
 
-def restore_ledger(context: Context, settings: DPSettings, num_examples: int, batch_size: int) -> PrivacyLedger:
-    """This client's ledger from earlier rounds, or a new one calibrated for the planned steps."""
-    record = context.state.config_records.get(LEDGER_KEY)
+def restore_ledger(context: Context, message: Message, settings: DPSettings, num_examples: int, batch_size: int) -> PrivacyLedger:
+    """This client's ledger from earlier rounds (its own, else the server's copy), or a new one
+    calibrated for the planned steps."""
+    record = context.state.config_records.get(LEDGER_KEY) or message.content.config_records.get(LEDGER_KEY)
     ledger = PrivacyLedger.from_record(record) if record is not None else PrivacyLedger(accountant=settings.accountant)
     if not ledger.calibrated:
         ledger.calibrate(settings, poisson_sample_rate(num_examples, batch_size))
@@ -125,7 +130,8 @@ def refusal(
     after = ledger.epsilon(settings.delta, steps)
     info["refused-reason"] = f"privacy budget: epsilon would reach {after:.3f} > {settings.epsilon:g}"
     metrics["refused"] = 1.0
-    return Message(RecordDict({METRICS_KEY: MetricRecord(metrics), INFO_KEY: info}), reply_to=message)
+    content = RecordDict({METRICS_KEY: MetricRecord(metrics), INFO_KEY: info, LEDGER_KEY: ledger.to_record()})
+    return Message(content, reply_to=message)
 
 
 def handle_evaluate(message: Message, context: Context, experiment: ExperimentConfig) -> Message:
@@ -147,7 +153,8 @@ def build_client_app(experiment: ExperimentConfig | None = None) -> ClientApp:
     app = ClientApp()
 
     def resolve(context: Context) -> ExperimentConfig:
-        return experiment or experiment_from_run_config(dict(context.run_config), APP_DIR)
+        shared = experiment or experiment_from_run_config(dict(context.run_config), APP_DIR)
+        return node_experiment(shared, context.node_config)  # a deployed node's data-path, device
 
     @app.query()
     def query(message: Message, context: Context) -> Message:

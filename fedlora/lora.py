@@ -11,8 +11,8 @@ In a Flower ArrayRecord, factors travel as "<layer>.A" / "<layer>.B" and head pa
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -87,18 +87,13 @@ class LoraState:
 
     def unflatten(self, vector: torch.Tensor) -> LoraState:
         """A state shaped like this one holding the values of `vector` (inverse of flatten)."""
-        out, offset = LoraState(), 0
+        pieces, offset = {}, 0
         for key, tensor in self.tensors().items():
-            piece = vector[offset : offset + tensor.numel()].reshape(tensor.shape).to(tensor.dtype)
+            pieces[key] = vector[offset : offset + tensor.numel()].reshape(tensor.shape).to(tensor.dtype)
             offset += tensor.numel()
-            if key.startswith(HEAD_PREFIX):
-                out.head[key[len(HEAD_PREFIX):]] = piece
-            else:
-                layer, _, part = key.rpartition(".")
-                out.factors.setdefault(layer, {})[part] = piece
         if offset != vector.numel():
             raise ValueError(f"vector has {vector.numel()} values, the state {offset}")
-        return out
+        return LoraState.from_tensors(pieces)
 
     def minus(self, reference: LoraState) -> LoraState:
         """This state's change from `reference`, over the tensors this state holds."""
@@ -125,9 +120,13 @@ class LoraState:
     @classmethod
     def from_array_record(cls, record: ArrayRecord) -> LoraState:
         """Decode from a Flower ArrayRecord; raises LoraRecordError on keys it cannot place."""
+        return cls.from_tensors({key: torch.from_numpy(np.array(array.numpy(), copy=True)) for key, array in record.items()})
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> LoraState:
+        """The state holding tensors under their record keys (inverse of `tensors`)."""
         state = cls()
-        for key, array in record.items():
-            tensor = torch.from_numpy(np.array(array.numpy(), copy=True))
+        for key, tensor in tensors.items():
             if key.startswith(HEAD_PREFIX):
                 state.head[key[len(HEAD_PREFIX):]] = tensor
                 continue

@@ -4,11 +4,14 @@
     <run_dir>/history.jsonl     one JSON line per round (round 0: the initial model)
     <run_dir>/summary.json      final figures, per-client records, package versions
     <run_dir>/adapter/          the final adapter in peft's format
+    <run_dir>/checkpoint.pt     the last finished round: global factors, privacy ledgers,
+                                elapsed time (a resumed run continues from it)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,12 +19,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import ExperimentConfig
+import torch
+
+from fedlora.config import ConfigError, ExperimentConfig
 
 HISTORY = "history.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.json"
 ADAPTER = "adapter"
+CHECKPOINT = "checkpoint.pt"
 PACKAGES = ("fedlora", "torch", "flwr", "ray", "opacus", "transformers", "peft")
 
 
@@ -65,15 +71,60 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-class RunRecorder:
-    """Writes a run directory as the run goes (history is flushed after every round)."""
+@dataclass
+class Checkpoint:
+    """What a run needs to go on after its last finished round."""
 
-    def __init__(self, run_dir: Path, config: ExperimentConfig) -> None:
+    round: int
+    tensors: dict[str, torch.Tensor]  # the global LoraState's tensors, by record key
+    ledgers: dict[int, dict[str, Any]] = field(default_factory=dict)  # client id -> privacy ledger record
+    privacy: dict[int, dict[str, float]] = field(default_factory=dict)  # client id -> latest privacy figures
+    elapsed: float = 0.0  # seconds the run has taken so far
+
+
+def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
+    """Write the checkpoint atomically: a kill mid-write leaves the previous one intact."""
+    path = Path(run_dir) / CHECKPOINT
+    partial = path.with_suffix(".partial")
+    torch.save(asdict(checkpoint), partial)
+    os.replace(partial, path)
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The run's last checkpoint, or None if it finished no round."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        return None
+    return Checkpoint(**torch.load(path, weights_only=True))
+
+
+def resumable_config(run_dir: Path) -> ExperimentConfig:
+    """The resolved config a run directory was started with (to resume it)."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run directory (no {CONFIG})")
+    return ExperimentConfig.model_validate_json(path.read_text())
+
+
+class RunRecorder:
+    """Writes a run directory as the run goes (history is flushed after every round).
+
+    With `resume_after` (the round of the checkpoint a run resumes from), the history recorded
+    up to that round is kept and any later line, written after the checkpoint, is dropped.
+    """
+
+    def __init__(self, run_dir: Path, config: ExperimentConfig, resume_after: int | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / CONFIG).write_text(config.to_json())
-        (self.run_dir / HISTORY).write_text("")
         self.rounds: list[RoundRecord] = []
+        if resume_after is None:
+            (self.run_dir / CONFIG).write_text(config.to_json())
+            (self.run_dir / HISTORY).write_text("")
+            return
+        if (self.run_dir / CONFIG).read_text() != config.to_json():
+            raise ConfigError(f"{self.run_dir} was started with another config; resume it with its own")
+        self.rounds = [RoundRecord(**line) for line in read_history(self.run_dir) if line["round"] <= resume_after]
+        (self.run_dir / HISTORY).write_text("".join(json.dumps(asdict(r)) + "\n" for r in self.rounds))
 
     @property
     def adapter_dir(self) -> Path:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,9 @@ from fedlora.config import ExperimentConfig, experiment_from_run_config
 from fedlora.lora import LoraState
 from fedlora.model import evaluate, export_adapter
 from fedlora.privacy import DPSettings
-from fedlora.results import RoundRecord, RunRecorder
+from fedlora.results import Checkpoint, RoundRecord, RunRecorder, load_checkpoint, save_checkpoint
 from strategies import build_strategy
-from strategies.base import ARRAYS_KEY, CONFIG_KEY, LoraStrategy, check_against
+from strategies.base import ARRAYS_KEY, CONFIG_KEY, LEDGER_KEY, LoraStrategy, check_against
 
 RoundCallback = Callable[[RoundRecord], None]
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -38,16 +37,6 @@ CONNECT_TIMEOUT = 600.0
 
 class FederationError(RuntimeError):
     """The federation cannot go on (no clients connected, a handshake failed)."""
-
-
-@dataclass
-class ServerRun:
-    """What the server keeps between rounds."""
-
-    config: ExperimentConfig
-    strategy: LoraStrategy
-    recorder: RunRecorder
-    state: LoraState
 
 
 def discover_clients(grid: Grid, expected: int, timeout: float = CONNECT_TIMEOUT) -> dict[int, int]:
@@ -95,6 +84,24 @@ def dp_settings(config: ExperimentConfig) -> DPSettings:
         grad_sample_mode=privacy.grad_sample_mode,
         planned_steps=planned_rounds * config.federation.local_steps,
     )
+
+
+def attach_ledgers(messages: list[Message], ledgers: dict[int, dict[str, Any]], clients: dict[int, int]) -> None:
+    """Give each client the privacy ledger it last reported: a client that lost its own (a
+    resumed run, a restarted node) continues its accounting from it instead of from zero."""
+    for message in messages:
+        ledger = ledgers.get(clients[message.metadata.dst_node_id])
+        if ledger is not None:
+            message.content[LEDGER_KEY] = ConfigRecord(ledger)
+
+
+def collect_ledgers(replies: list[Message], clients: dict[int, int]) -> dict[int, dict[str, Any]]:
+    """The privacy ledgers the replies carry, by client id."""
+    return {
+        clients[reply.metadata.src_node_id]: dict(reply.content[LEDGER_KEY])
+        for reply in replies
+        if not reply.has_error() and reply.metadata.src_node_id in clients and LEDGER_KEY in reply.content.config_records
+    }
 
 
 def instruct_poisoners(adversary: Adversary, messages: list[Message], clients: dict[int, int]) -> None:
@@ -164,51 +171,85 @@ class PrivacyBoard:
 
 
 def run_federation(
-    grid: Grid, config: ExperimentConfig, run_dir: Path, on_round: RoundCallback | None = None
+    grid: Grid, config: ExperimentConfig, run_dir: Path, on_round: RoundCallback | None = None, resume: bool = False
 ) -> dict[str, Any]:
-    """Run every round of the experiment on the grid; returns the summary."""
-    started = time.perf_counter()
-    task = workspace.federated_task(config)
-    test = workspace.test_examples(config)
-    model = workspace.lora_model(config, task.num_labels)
-    clients = discover_clients(grid, config.federation.num_clients)
-    strategy = build_strategy(config, clients)
-    attack = config.attack
-    adversary = Adversary(attack.name, attack.options, config.federation.num_clients, attack.fraction, config.seed)
-    recorder = RunRecorder(run_dir, config)
-    state = strategy.initial_state(workspace.initial_state(config, task.num_labels))
-    strategy.summary()
+    """Run every round of the experiment on the grid (after the checkpoint's, with `resume`); returns the summary."""
+    return Federation(grid, config, Path(run_dir), on_round, resume).run()
 
-    def evaluate_state(current: LoraState) -> tuple[float, float]:
-        current.load_into(model)
-        return evaluate(model, test)
 
-    accuracy, loss = evaluate_state(state)
-    _emit(recorder, RoundRecord(round=0, accuracy=accuracy, loss=loss), on_round)
-    arrays = state.to_array_record()
-    base_config = train_config(config, task.num_labels)
-    privacy = PrivacyBoard()
-    for server_round in range(1, config.federation.rounds + 1):
+class Federation:
+    """One run of the round loop: the strategy, the records, and what a checkpoint keeps."""
+
+    def __init__(self, grid: Grid, config: ExperimentConfig, run_dir: Path, on_round: RoundCallback | None, resume: bool) -> None:
+        self.started = time.perf_counter()
+        self.grid, self.config, self.run_dir, self.on_round = grid, config, run_dir, on_round
+        task = workspace.federated_task(config)
+        self.test = workspace.test_examples(config)
+        self.model = workspace.lora_model(config, task.num_labels)
+        self.clients = discover_clients(grid, config.federation.num_clients)
+        self.strategy = build_strategy(config, self.clients)
+        attack = config.attack
+        self.adversary = Adversary(attack.name, attack.options, config.federation.num_clients, attack.fraction, config.seed)
+        self.base_config = train_config(config, task.num_labels)
+        self.privacy = PrivacyBoard()
+        self.ledgers: dict[int, dict[str, Any]] = {}  # client id -> its privacy ledger, as last reported
+        checkpoint = load_checkpoint(run_dir) if resume else None
+        self.recorder = RunRecorder(run_dir, config, resume_after=checkpoint.round if checkpoint else None)
+        if checkpoint is None:
+            self.first_round, self.elapsed_before = 1, 0.0
+            self.state = self.strategy.initial_state(workspace.initial_state(config, task.num_labels))
+        else:
+            self.first_round, self.elapsed_before = checkpoint.round + 1, checkpoint.elapsed
+            self.state = LoraState.from_tensors(checkpoint.tensors)
+            self.ledgers, self.privacy.clients = checkpoint.ledgers, checkpoint.privacy
+            log(INFO, "resuming %s after round %d", run_dir, checkpoint.round)
+
+    def run(self) -> dict[str, Any]:
+        """Rounds first_round..rounds, then the adapter and the summary."""
+        self.strategy.summary()
+        if self.first_round == 1:
+            accuracy, loss = self.evaluate()
+            self.emit(RoundRecord(round=0, accuracy=accuracy, loss=loss))
+        for server_round in range(self.first_round, self.config.federation.rounds + 1):
+            self.emit(self.train_round(server_round))
+            self.save_checkpoint(server_round)
+        self.state.load_into(self.model)
+        export_adapter(self.model, self.recorder.adapter_dir)
+        return self.recorder.finish(
+            self.elapsed(),
+            {
+                "strategy": self.config.strategy.name,
+                "num_clients": len(self.clients),
+                "run_dir": str(self.run_dir),
+                "privacy": self.privacy.summary() if self.config.privacy.enabled else None,
+                "malicious": sorted(self.adversary.malicious),
+            },
+        )
+
+    def train_round(self, server_round: int) -> RoundRecord:
+        """Send, (simulate the adversary,) aggregate, evaluate: the round's history line."""
         round_started = time.perf_counter()
-        messages = list(strategy.configure_train(server_round, arrays, base_config, grid))
+        strategy, adversary = self.strategy, self.adversary
+        messages = list(strategy.configure_train(server_round, self.state.to_array_record(), self.base_config, self.grid))
+        attach_ledgers(messages, self.ledgers, self.clients)
         if adversary.poisons_data:
-            instruct_poisoners(adversary, messages, clients)
-        replies = list(grid.send_and_receive(messages, timeout=config.federation.round_timeout))
+            instruct_poisoners(adversary, messages, self.clients)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout))
+        self.ledgers.update(collect_ledgers(replies, self.clients))
         if adversary.malicious:
             poison_replies(adversary, replies, strategy, server_round)
         new_arrays, metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
-            arrays = new_arrays
-            state = LoraState.from_array_record(arrays)
+            self.state = LoraState.from_array_record(new_arrays)
         eval_started = time.perf_counter()
-        accuracy, loss = evaluate_state(state)
+        accuracy, loss = self.evaluate()
         log_ = strategy.last_round  # what the strategy saw this round
-        privacy.update(log_.client_metrics)
-        epsilon_max, epsilon_mean = privacy.epsilon_max_mean()
+        self.privacy.update(log_.client_metrics)
+        epsilon_max, epsilon_mean = self.privacy.epsilon_max_mean()
         extra = dict(log_.extra, dropped=log_.dropped) if log_.dropped else dict(log_.extra)
         if adversary.malicious:
             extra.update(detection_record(adversary, log_.accepted + log_.dropped, log_.dropped))
-        record = RoundRecord(
+        return RoundRecord(
             round=server_round,
             accuracy=accuracy,
             loss=loss,
@@ -227,30 +268,37 @@ def run_federation(
             skipped=log_.skipped,
             extra=extra,
         )
-        _emit(recorder, record, on_round)
-    state.load_into(model)
-    export_adapter(model, recorder.adapter_dir)
-    return recorder.finish(
-        time.perf_counter() - started,
-        {
-            "strategy": config.strategy.name,
-            "num_clients": len(clients),
-            "run_dir": str(run_dir),
-            "privacy": privacy.summary() if config.privacy.enabled else None,
-            "malicious": sorted(adversary.malicious),
-        },
-    )
 
+    def evaluate(self) -> tuple[float, float]:
+        """Accuracy and loss of the global state on the held-out split."""
+        self.state.load_into(self.model)
+        return evaluate(self.model, self.test)
 
-def _emit(recorder: RunRecorder, record: RoundRecord, on_round: RoundCallback | None) -> None:
-    recorder.record(record)
-    log(INFO, "round %d: accuracy %.4f, loss %.4f", record.round, record.accuracy, record.loss)
-    if on_round is not None:
-        on_round(record)
+    def emit(self, record: RoundRecord) -> None:
+        """Append the round to the history, log it, hand it to the progress display."""
+        self.recorder.record(record)
+        log(INFO, "round %d: accuracy %.4f, loss %.4f", record.round, record.accuracy, record.loss)
+        if self.on_round is not None:
+            self.on_round(record)
+
+    def save_checkpoint(self, server_round: int) -> None:
+        """What a resumed run needs, after the round's history line is on disk."""
+        save_checkpoint(
+            self.run_dir,
+            Checkpoint(server_round, self.state.tensors(), dict(self.ledgers), dict(self.privacy.clients), self.elapsed()),
+        )
+
+    def elapsed(self) -> float:
+        """Seconds of this run, over every process that worked on it."""
+        return self.elapsed_before + time.perf_counter() - self.started
 
 
 def build_server_app(
-    config: ExperimentConfig, run_dir: Path, on_round: RoundCallback | None = None, errors: list[BaseException] | None = None
+    config: ExperimentConfig,
+    run_dir: Path,
+    on_round: RoundCallback | None = None,
+    errors: list[BaseException] | None = None,
+    resume: bool = False,
 ) -> ServerApp:
     """A ServerApp bound to one experiment (simulation); exceptions are kept in `errors`."""
     app = ServerApp()
@@ -258,7 +306,7 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_federation(grid, config, run_dir, on_round)
+            run_federation(grid, config, run_dir, on_round, resume)
         except BaseException as err:  # the simulation engine swallows them: hand them back
             if errors is None:
                 raise
@@ -272,9 +320,13 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Deployment entry point (`flwr run`): the experiment comes from the run config."""
+    """Deployment entry point (`flwr run`): the experiment comes from the run config.
+
+    With output.name set, the run directory is stable across runs, and `resume=true` in the run
+    config continues it from its last checkpoint (e.g. after the server machine restarted).
+    """
     config = experiment_from_run_config(dict(context.run_config), APP_DIR)
     run_dir = Path(str(context.run_config.get("run-dir", config.output.dir))) / (
         config.output.name or f"{config.strategy.name}-run{context.run_id}"
     )
-    run_federation(grid, config, run_dir)
+    run_federation(grid, config, run_dir, resume=bool(context.run_config.get("resume", False)))

@@ -43,8 +43,11 @@ def check_runnable(config: ExperimentConfig) -> None:
         )
 
 
-def simulate(config: ExperimentConfig, run_dir: Path, on_round: RoundCallback | None = None) -> dict[str, Any]:
-    """Run the experiment through `flwr.simulation.run_simulation`; returns the run summary."""
+def simulate(
+    config: ExperimentConfig, run_dir: Path, on_round: RoundCallback | None = None, resume: bool = False
+) -> dict[str, Any]:
+    """Run the experiment through `flwr.simulation.run_simulation` (with `resume`, from the run
+    directory's last checkpoint); returns the run summary."""
     check_runnable(config)
     errors: list[BaseException] = []
     # Ray workers inherit the environment: keep them from fighting over the cores, and keep
@@ -52,7 +55,7 @@ def simulate(config: ExperimentConfig, run_dir: Path, on_round: RoundCallback | 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(config.federation.client_cpus))))
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(
-        server_app=build_server_app(config, run_dir, on_round, errors),
+        server_app=build_server_app(config, run_dir, on_round, errors, resume),
         client_app=build_client_app(config),
         num_supernodes=config.federation.num_clients,
         backend_config=backend_config(config),

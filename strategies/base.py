@@ -39,6 +39,7 @@ METRICS_KEY = "metrics"
 INFO_KEY = "info"
 NUM_EXAMPLES = "num-examples"
 REFUSED = "refused"
+LEDGER_KEY = "privacy-ledger"  # a client's DP accountant history (replies, and train messages after a resume)
 
 
 @dataclass
@@ -187,7 +188,11 @@ class LoraStrategy(Strategy):
         """Validate the replies, then aggregate the valid ones into the new global state."""
         round_log = self.last_round
         round_log.client_seconds = time.perf_counter() - self._sent_at
+        replies = list(replies)
         updates = [u for u in (self._validate(m) for m in replies) if u is not None]
+        answered = {self.clients.get(m.metadata.src_node_id) for m in replies}
+        for client in sorted(set(round_log.sampled) - answered):  # crashed, disconnected or too slow
+            round_log.rejected.append({"client": client, "reason": "no reply before the round timeout"})
         started = time.perf_counter()
         kept, robust_update = self._defend(server_round, updates)
         round_log.dropped = sorted({u.client_id for u in updates} - {u.client_id for u in kept})
