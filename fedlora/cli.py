@@ -14,7 +14,7 @@ from rich.table import Table
 
 from fedlora.config import ConfigError, ExperimentConfig, load_config
 from fedlora.report import SWEEP_INDEX, ReportError, ReportFiles, winners, write_report
-from fedlora.results import RoundRecord, default_run_dir
+from fedlora.results import RoundRecord, default_run_dir, resumable_config
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning on Flower.")
 console = Console()
@@ -51,14 +51,26 @@ SetOption = Annotated[
 
 @cli.command()
 def simulate(
-    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Experiment TOML, e.g. simulations/quickstart.toml.")],
+    config_path: Annotated[
+        Optional[Path], typer.Argument(metavar="CONFIG", help="Experiment TOML, e.g. simulations/quickstart.toml.")
+    ] = None,
     overrides: SetOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: output.dir/<strategy>-<time>).")] = None,
+    resume: Annotated[
+        Optional[Path], typer.Option("--resume", metavar="RUN_DIR", help="Continue a stopped run from its last finished round.")
+    ] = None,
 ) -> None:
     """Run a federation on Flower's simulation engine, showing each round as it finishes."""
-    config = load_config(config_path, overrides)
-    run_dir = out or default_run_dir(config)
-    summary = run_with_progress(config, run_dir)
+    if (config_path is None) == (resume is None):
+        raise ConfigError("give either CONFIG or --resume RUN_DIR")
+    if resume is not None:
+        if overrides or out:
+            raise ConfigError("--resume continues a run with its own config and directory: drop --set and --out")
+        config, run_dir = resumable_config(resume), resume
+    else:
+        config = load_config(config_path, overrides)
+        run_dir = out or default_run_dir(config)
+    summary = run_with_progress(config, run_dir, resume=resume is not None)
     console.print(
         f"\n[bold]final accuracy {summary['final_accuracy']:.4f}[/bold] "
         f"(round 0: {summary['initial_accuracy']:.4f}) in {summary['wall_seconds']:.0f} s"
@@ -67,9 +79,10 @@ def simulate(
     console.print(f"adapter (peft format): {summary['adapter']}")
 
 
-def run_with_progress(config: ExperimentConfig, run_dir: Path) -> dict:
+def run_with_progress(config: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict:
     """Simulate with a live progress bar and a line per round."""
-    from fedlora.simulation import check_runnable, quiet_flower_logs, simulate as run_simulation
+    from fedlora.simulation import check_runnable, quiet_flower_logs
+    from fedlora.simulation import simulate as run_simulation
 
     check_runnable(config)
     quiet_flower_logs()
@@ -86,7 +99,7 @@ def run_with_progress(config: ExperimentConfig, run_dir: Path) -> dict:
             progress.console.print(_round_line(record), highlight=False)
             progress.update(task, completed=record.round, description=f"round {record.round}/{config.federation.rounds}")
 
-        return run_simulation(config, run_dir, on_round)
+        return run_simulation(config, run_dir, on_round, resume)
 
 
 def _round_line(record: RoundRecord) -> str:
@@ -156,6 +169,8 @@ def _print_report(files: ReportFiles) -> None:
     if comparison.excluded:
         console.print(f"not included: {len(comparison.excluded)} run(s) that failed or did not finish")
     console.print(f"report: {files.html}\n        {files.markdown}\n        {files.csv}", highlight=False, soft_wrap=True)
+
+
 
 
 if __name__ == "__main__":
