@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from fedlora.config import ConfigError, ModelConfig
 from fedlora.data.encode import EncodedExamples
@@ -85,6 +86,11 @@ def build_base_model(config: ModelConfig, num_labels: int, seed: int) -> PreTrai
 
 
 def _from_pretrained(source: str, num_labels: int) -> PreTrainedModel:
+    # The new classification head is expected: keep transformers' load report and progress bar
+    # (printed by every client process) out of the user's terminal.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=num_labels, ignore_mismatched_sizes=True
@@ -93,6 +99,9 @@ def _from_pretrained(source: str, num_labels: int) -> PreTrainedModel:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1 is set)" if offline else ""
         raise ConfigError(f"model.name: cannot load {source!r}{hint}: {err}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
 
 
 def _tiny_bert_config(config: ModelConfig, num_labels: int) -> BertConfig:
