@@ -187,8 +187,11 @@ def make_private(
         grad_sample_mode=settings.grad_sample_mode,
         criterion=nn.CrossEntropyLoss(),
     )
-    criterion = wrapped[3] if len(wrapped) == 4 else None
-    return PrivateTraining(wrapped[0], wrapped[1], wrapped[2], engine, criterion)
+    if len(wrapped) == 4:  # ghost clipping: (module, optimizer, wrapped criterion, loader)
+        module, optimizer, criterion, loader = wrapped
+        return PrivateTraining(module, optimizer, loader, engine, criterion)
+    module, optimizer, loader = wrapped
+    return PrivateTraining(module, optimizer, loader, engine, None)
 
 
 def zero_step_on_empty_batch(training: PrivateTraining) -> None:

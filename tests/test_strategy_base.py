@@ -72,7 +72,7 @@ def broken_replies() -> dict[str, Message]:
     inf = perturbed(3)
     inf.head["classifier.bias"][1] = math.inf
     cases["Inf"] = client_reply(104, inf)
-    cases["client error"] = Message(Error(code=0, reason="boom"), reply_to=client_reply(104, perturbed(3)))
+    cases["client error"] = Message(metadata=client_reply(104, perturbed(3)).metadata, error=Error(code=0, reason="boom"))
     cases["num-examples"] = client_reply(104, perturbed(3), num_examples=0)
     return cases
 
