@@ -171,6 +171,10 @@ def _print_report(files: ReportFiles) -> None:
     console.print(f"report: {files.html}\n        {files.markdown}\n        {files.csv}", highlight=False, soft_wrap=True)
 
 
+# `fedlora deploy ...`: certificates, SuperLink and SuperNodes on Flower's deployment engine.
+from fedlora.deploy import deploy as _deploy_cli  # noqa: E402  (light: no Flower or torch import)
+
+cli.add_typer(_deploy_cli, name="deploy")
 
 
 if __name__ == "__main__":

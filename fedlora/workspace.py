@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
+from logging import INFO
+from pathlib import Path
 
+from flwr.common.logger import log
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
@@ -18,9 +21,10 @@ from fedlora.config import ExperimentConfig
 from fedlora.data.builtin import TextExamples
 from fedlora.data.encode import EncodedExamples, encode_examples
 from fedlora.data.partition import partition_examples
-from fedlora.data.sources import LabelledData, load_data
+from fedlora.data.sources import LabelledData, load_data, load_node_examples
 from fedlora.lora import LoraState
 from fedlora.model import build_lora_model, load_tokenizer
+from fedlora.node import node_data_path, node_device, shared_experiment
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,11 @@ def _tokenizer(model_json: str) -> PreTrainedTokenizerBase:
 
 
 def client_examples(config: ExperimentConfig, client_id: int) -> EncodedExamples:
-    """One client's train share, tokenized."""
-    return _client_examples(config.model_dump_json(), client_id)
+    """One client's train share, tokenized; a deployed node with a data-path: all of its own data."""
+    data_path = node_data_path(config)
+    if data_path is not None:
+        return _node_examples(shared_experiment(config).model_dump_json(), str(data_path))
+    return _client_examples(shared_experiment(config).model_dump_json(), client_id)
 
 
 @lru_cache(maxsize=256)
@@ -72,9 +79,18 @@ def _client_examples(config_json: str, client_id: int) -> EncodedExamples:
     return encode_examples(tokenizer(config), task.partitions[client_id], config.model.max_length)
 
 
+@lru_cache(maxsize=4)
+def _node_examples(config_json: str, data_path: str) -> EncodedExamples:
+    config = ExperimentConfig.model_validate_json(config_json)
+    # Only labels given as names need the task's class list (which loads the experiment's data).
+    examples = load_node_examples(Path(data_path), config.data, lambda: load_data(config.data, config.seed).class_names)
+    log(INFO, "node data set %s: %d examples", data_path, len(examples.labels))
+    return encode_examples(tokenizer(config), examples, config.model.max_length)
+
+
 def test_examples(config: ExperimentConfig) -> EncodedExamples:
     """The server's held-out split, tokenized."""
-    return _test_examples(config.model_dump_json())
+    return _test_examples(shared_experiment(config).model_dump_json())
 
 
 @lru_cache(maxsize=4)
@@ -84,14 +100,16 @@ def _test_examples(config_json: str) -> EncodedExamples:
 
 
 def lora_model(config: ExperimentConfig, num_labels: int) -> PeftModel:
-    """The LoRA model for this experiment (shared within a process; load a state before use)."""
-    return _lora_model(config.model.model_dump_json(), num_labels, config.seed)
+    """The LoRA model for this experiment (shared within a process; load a state before use),
+    on the node's device when its node config names one."""
+    return _lora_model(config.model.model_dump_json(), num_labels, config.seed, node_device(config))
 
 
 @lru_cache(maxsize=2)
-def _lora_model(model_json: str, num_labels: int, seed: int) -> PeftModel:
+def _lora_model(model_json: str, num_labels: int, seed: int, device: str | None = None) -> PeftModel:
     config = ExperimentConfig.model_validate({"model": _loads(model_json)})
-    return build_lora_model(config.model, num_labels, seed)
+    model = build_lora_model(config.model, num_labels, seed)
+    return model if device is None else model.to(device)
 
 
 def initial_state(config: ExperimentConfig, num_labels: int) -> LoraState:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,75 @@ def _load_hf(config: DataConfig) -> LabelledData:
         TextExamples(list(train[config.text_column]), train_labels),
         TextExamples(list(test[config.text_column]), test_labels),
     )
+
+
+def load_node_examples(path: Path, config: DataConfig, class_names: Callable[[], list[str]]) -> TextExamples:
+    """All the examples of a deployed node's own data set (node config `data-path`).
+
+    A .csv / .jsonl file or a folder saved by `datasets` (`save_to_disk`; of a DatasetDict, the
+    `data.train_split`), with the experiment's text and label columns. Integer labels are class
+    indices 0..C-1; other labels are class names of the experiment's task (`class_names()`).
+    """
+    if path.is_dir():
+        texts, raw = _read_saved_dataset(path, config)
+    elif path.suffix in LOCAL_SUFFIXES:
+        texts, raw = read_local_examples(path, config.text_column, config.label_column)
+    elif not path.exists():
+        raise ConfigError(f"node config data-path: {path} does not exist on this node")
+    else:
+        raise ConfigError(f"node config data-path: {path} is not a .csv / .jsonl file nor a saved Hugging Face data set folder")
+    if not texts:
+        raise ConfigError(f"node config data-path: {path} holds no examples")
+    return TextExamples(texts, _node_labels(raw, class_names, path))
+
+
+def _read_saved_dataset(path: Path, config: DataConfig) -> tuple[list[str], list[object]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"node config data-path: {path} is not a saved Hugging Face data set ({err})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if config.train_split in loaded:
+            loaded = loaded[config.train_split]
+        elif len(loaded) == 1:
+            loaded = next(iter(loaded.values()))
+        else:
+            raise ConfigError(f"data.train_split: no split {config.train_split!r} in {path} (has {list(loaded)})")
+    for key in ("text_column", "label_column"):
+        column = getattr(config, key)
+        if column not in loaded.column_names:
+            raise ConfigError(f"data.{key}: no column {column!r} in {path} (has {loaded.column_names})")
+    return [str(t) for t in loaded[config.text_column]], list(loaded[config.label_column])
+
+
+def _node_labels(raw: list[object], class_names: Callable[[], list[str]], path: Path) -> list[int]:
+    """Class indices: integers as they are, names looked up in the task's classes (read once)."""
+    lookup: dict[str, int] | None = None
+    labels: list[int] = []
+    for value in raw:
+        index = _label_index(value)
+        if index is None:
+            if lookup is None:
+                lookup = {name: i for i, name in enumerate(class_names())}
+            if str(value) not in lookup:
+                raise ConfigError(f"node config data-path: label {value!r} in {path} is not a class of the task ({', '.join(lookup)})")
+            index = lookup[str(value)]
+        if index < 0:
+            raise ConfigError(f"node config data-path: label {value!r} in {path}: use class indices 0..C-1 or class names")
+        labels.append(index)
+    return labels
+
+
+def _label_index(value: object) -> int | None:
+    """An integer label (also written as text, as CSV has it), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    return int(text) if text.lstrip("-").isdigit() else None
 
 
 def _split_hf_source(source: str) -> tuple[str, str | None]:
