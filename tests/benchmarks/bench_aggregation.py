@@ -3,7 +3,10 @@
 32 decoder layers; q, k, v, o of 4096 x 4096, gate and up of 11008 x 4096, down of 4096 x 11008;
 rank 16; 10 clients. Each strategy's `aggregate_factors` runs in a fresh subprocess so that the
 peak resident memory it reports is its own; the clients' adapters are part of that peak (they
-are the input), and the ratio printed is peak / size of the clients' adapters.
+are the input), and the ratio printed is peak / size of the clients' adapters. With few layers
+the process's own footprint (Python, torch, Flower) weighs in that ratio, so on Linux the peak
+from just before the adapters are built, above the memory the process held then, is given
+relative to the adapters too (ideal: about 1 x, the inputs plus a small output).
 
     python -m tests.benchmarks.bench_aggregation [--layers 32] [--clients 10]
 """
@@ -16,6 +19,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -64,6 +68,7 @@ def measure_one(strategy_name: str, layers: int, clients: int) -> dict[str, floa
     torch.set_num_threads(2)
     cls = STRATEGIES[strategy_name]
     strategy = cls({i: i for i in range(clients)}, clients_per_round=clients, seed=0, train_head=False)
+    baseline = resident_bytes(reset_peak=True)  # the process before any adapter
     global_state, updates = llama_states(layers, clients, cls.trains)
     strategy.global_state = strategy.initial_state(global_state)
     strategy.server_round = 1
@@ -74,7 +79,37 @@ def measure_one(strategy_name: str, layers: int, clients: int) -> dict[str, floa
     strategy.aggregate_factors(strategy.global_state, updates, weights)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return {"seconds": seconds, "peak_bytes": peak, "adapter_bytes": adapter_bytes}
+    peak_since = proc_status_bytes("VmHWM") if baseline is not None else None
+    return {
+        "seconds": seconds, "peak_bytes": peak, "adapter_bytes": adapter_bytes,
+        "baseline_bytes": baseline, "peak_since_baseline_bytes": peak_since,
+    }
+
+
+def proc_status_bytes(key: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (Linux), or None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def resident_bytes(reset_peak: bool = False) -> int | None:
+    """Resident memory now; with reset_peak, also restart the peak (VmHWM) from here (Linux).
+
+    Importing torch and Flower peaks higher than the process then stays, so ru_maxrss alone
+    cannot tell what the adapters and the aggregation added.
+    """
+    now = proc_status_bytes("VmRSS")
+    if reset_peak and now is not None:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size
+        except OSError:
+            return None
+    return now
 
 
 def main(layers: int = 32, clients: int = 10) -> dict[str, dict[str, float]]:
@@ -91,9 +126,17 @@ def main(layers: int = 32, clients: int = 10) -> dict[str, dict[str, float]]:
         result = json.loads(out.stdout.strip().splitlines()[-1])
         figures[name] = result
         ratio = result["peak_bytes"] / result["adapter_bytes"]
+        above = ""
+        if result.get("peak_since_baseline_bytes") is not None:
+            result["above_baseline_ratio"] = (result["peak_since_baseline_bytes"] - result["baseline_bytes"]) / result["adapter_bytes"]
+            above = (
+                f"; above the {result['baseline_bytes'] / 2**30:.2f} GiB the process held before them:"
+                f" {result['above_baseline_ratio']:4.2f} x"
+            )
         print(
             f"  {name:<10} {result['seconds']:7.2f} s   peak memory {result['peak_bytes'] / 2**30:5.2f} GiB"
-            f" = {ratio:4.2f} x the clients' adapters ({result['adapter_bytes'] / 2**30:.2f} GiB)"
+            f" = {ratio:4.2f} x the clients' adapters ({result['adapter_bytes'] / 2**30:.2f} GiB){above}",
+            flush=True,
         )
     return figures
 

@@ -5,7 +5,7 @@ For a 4096 x 4096 and an 11008 x 4096 layer at rank 16, on 2 CPU threads, times 
 full_matrices=False) (timed once or twice: it takes seconds), and prints the ratio measured in
 this run. It also checks that both agree: B'A' = M and the top-r singular values match.
 
-    python -m tests.benchmarks.bench_fedsvd_layer [--dense-repeats 1] [--factored-repeats 20]
+    python -m tests.benchmarks.bench_fedsvd_layer [--dense-repeats 1] [--factored-repeats 20] [--shapes 4096x4096,11008x4096]
 """
 
 from __future__ import annotations
@@ -65,11 +65,22 @@ def measure(d_out: int, d_in: int, factored_repeats: int, dense_repeats: int) ->
     }
 
 
-def main(factored_repeats: int = 20, dense_repeats: int = 1) -> dict[str, dict[str, float]]:
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'4096x4096,11008x4096' -> [(4096, 4096), (11008, 4096)]."""
+    shapes = []
+    for item in text.split(","):
+        d_out, _, d_in = item.strip().partition("x")
+        shapes.append((int(d_out), int(d_in)))
+    return shapes
+
+
+def main(
+    factored_repeats: int = 20, dense_repeats: int = 1, shapes: list[tuple[int, int]] | None = None
+) -> dict[str, dict[str, float]]:
     """Measure every shape, print one line each, and return the figures keyed by shape."""
     torch.set_num_threads(2)
     figures = {}
-    for d_out, d_in in SHAPES:
+    for d_out, d_in in shapes or SHAPES:
         row = measure(d_out, d_in, factored_repeats, dense_repeats)
         figures[f"{d_out}x{d_in}"] = row
         print(
@@ -86,5 +97,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--factored-repeats", type=int, default=20)
     parser.add_argument("--dense-repeats", type=int, default=1)
+    parser.add_argument(
+        "--shapes", type=parse_shapes, default=None,
+        help="comma-separated d_outxd_in layers (default: 4096x4096,11008x4096; the dense SVD's cost grows as d^3)",
+    )
     args = parser.parse_args()
-    main(args.factored_repeats, args.dense_repeats)
+    main(args.factored_repeats, args.dense_repeats, args.shapes)
