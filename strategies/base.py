@@ -21,7 +21,14 @@ from logging import INFO, WARNING
 from typing import ClassVar
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -197,9 +204,10 @@ class LoraStrategy(Strategy):
         kept, robust_update = self._defend(server_round, updates)
         round_log.dropped = sorted({u.client_id for u in updates} - {u.client_id for u in kept})
         round_log.accepted = sorted(u.client_id for u in kept)
-        if len(kept) < self.min_replies:
+        # min_replies counts valid replies; a defence may then keep fewer (Krum keeps one), not none.
+        if len(updates) < self.min_replies or not kept:
             round_log.skipped = True
-            log(WARNING, "round %d skipped: %d valid replies kept, at least %d needed", server_round, len(kept), self.min_replies)
+            log(WARNING, "round %d skipped: %d valid replies (at least %d needed), %d kept", server_round, len(updates), self.min_replies, len(kept))
             return None, None
         new_state = self._aggregate([robust_update] if robust_update else kept)
         round_log.aggregate_seconds = time.perf_counter() - started

@@ -19,6 +19,7 @@ from strategies import DEFENCES, build_strategy, defence_class
 from strategies.fedit import FedIT
 from strategies.fedsvd import FedSVD
 from strategies.ffa_lora import FFALoRA
+from strategies.krum import KrumDefence
 from strategies.median import MedianDefence
 from strategies.zprobe import ZProbeDefence
 from tests.conftest import tiny_config
@@ -169,3 +170,15 @@ def test_one_attacker_against_the_zprobe_filter_through_ray(tmp_path: Path) -> N
         assert attacker in extra["flagged"] and attacker not in record["clients"]
         assert extra["tpr"] == 1.0 and extra["fpr"] <= 0.2
         assert extra["defence"]["name"] == "zprobe"
+
+
+def test_krum_keeping_one_update_is_not_a_round_below_min_replies() -> None:
+    """min_replies counts valid replies: Krum's single survivor is aggregated, not skipped."""
+    nodes = {100 + k: k for k in range(5)}
+    strategy = FedIT(nodes, clients_per_round=5, min_replies=3, defence=KrumDefence(0.25))
+    list(strategy.configure_train(1, global_state().to_array_record(), ConfigRecord(), grid=None))
+    arrays, _ = strategy.aggregate_train(1, [client_reply(n, honest_state(c)) for n, c in nodes.items()])
+    assert arrays is not None and not strategy.last_round.skipped
+    (kept,) = strategy.last_round.accepted
+    result = LoraState.from_array_record(arrays)
+    assert all(torch.allclose(result.tensors()[k], t) for k, t in honest_state(kept).tensors().items())
