@@ -131,16 +131,21 @@ def poison_replies(adversary: Adversary, replies: list[Message], strategy: LoraS
         reply.content[ARRAYS_KEY] = poisoned.to_array_record()
 
 
-def detection_record(adversary: Adversary, seen: list[int], flagged: list[int]) -> dict[str, object]:
-    """Who among the round's valid replies was malicious, and how well the defence flagged them."""
-    malicious = sorted(set(seen) & adversary.malicious)
-    honest = sorted(set(seen) - adversary.malicious)
-    caught = set(flagged) & adversary.malicious
-    return {
-        "malicious": malicious,
+def detection_record(adversary: Adversary, seen: list[int], flagged: list[int] | None) -> dict[str, object]:
+    """Who among the round's valid replies was malicious, and how well the defence flagged them.
+
+    `flagged` is None when no defence flags clients (none, median, trimmed mean): the rates are
+    then None rather than a misleading 0.
+    """
+    record: dict[str, object] = {"malicious": sorted(set(seen) & adversary.malicious)}
+    if flagged is None:
+        return record
+    malicious = set(seen) & adversary.malicious
+    honest = set(seen) - adversary.malicious
+    return record | {
         "flagged": sorted(flagged),
-        "tpr": len(caught) / len(malicious) if malicious else None,
-        "fpr": len(set(flagged) - adversary.malicious) / len(honest) if honest else None,
+        "tpr": len(set(flagged) & malicious) / len(malicious) if malicious else None,
+        "fpr": len(set(flagged) & honest) / len(honest) if honest else None,
     }
 
 
@@ -248,7 +253,8 @@ class Federation:
         epsilon_max, epsilon_mean = self.privacy.epsilon_max_mean()
         extra = dict(log_.extra, dropped=log_.dropped) if log_.dropped else dict(log_.extra)
         if adversary.malicious:
-            extra.update(detection_record(adversary, log_.accepted + log_.dropped, log_.dropped))
+            flags = strategy.defence is not None and strategy.defence.drops_clients
+            extra.update(detection_record(adversary, log_.accepted + log_.dropped, log_.dropped if flags else None))
         return RoundRecord(
             round=server_round,
             accuracy=accuracy,

@@ -37,6 +37,7 @@ class MedianDefence(Defence):
 
     name = "median"
     description = "coordinate-wise median of the updates"
+    drops_clients = False
 
     def screen(self, updates: Tensor, weights: Tensor, seed: int) -> Screening:
         """Every client kept; the median is the round's update."""

@@ -49,6 +49,7 @@ class Defence(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     min_clients: ClassVar[int] = 1  # fewer updates than this cannot be screened
+    drops_clients: ClassVar[bool] = True  # False for rules that compute a statistic instead (no detection to score)
 
     def __init__(self, phi_max: float = 0.25) -> None:
         if not 0.0 <= phi_max < 0.5:

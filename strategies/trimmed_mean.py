@@ -43,6 +43,7 @@ class TrimmedMeanDefence(Defence):
 
     name = "trimmed_mean"
     description = "coordinate-wise mean after cutting a phi_max fraction at each end"
+    drops_clients = False
 
     def screen(self, updates: Tensor, weights: Tensor, seed: int) -> Screening:
         """Every client kept; the trimmed mean is the round's update."""

@@ -136,6 +136,8 @@ def test_adversary_rewrites_only_its_clients_and_flags_are_scored() -> None:
     record = detection_record(adversary, seen=list(range(N)), flagged=[bad[0], honest[0]])
     assert record["malicious"] == bad
     assert record["tpr"] == pytest.approx(1 / len(bad)) and record["fpr"] == pytest.approx(1 / len(honest))
+    unscored = detection_record(adversary, seen=list(range(N)), flagged=None)  # median, trimmed mean
+    assert unscored == {"malicious": bad}
 
 
 def test_label_flippers_are_told_so_in_their_own_train_message() -> None:
