@@ -127,7 +127,7 @@ def alie_z(num_clients: int, num_malicious: int) -> float:
 
 
 def alie(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, *, z: float | None = None) -> Tensor:
-    """"A little is enough": every malicious client sends mean - z * std of the honest updates.
+    """ "A little is enough": every malicious client sends mean - z * std of the honest updates.
 
     std is the per-coordinate sample standard deviation (Bessel-corrected). z defaults to
     `alie_z(n_honest + n_malicious, n_malicious)`.
@@ -223,11 +223,7 @@ MODEL_ATTACKS: dict[str, ModelAttack] = {
 def attack_parameters(name: str) -> dict[str, Any]:
     """The keyword parameters an attack accepts, with their defaults."""
     attack = _lookup(name)
-    return {
-        p.name: p.default
-        for p in inspect.signature(attack).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    return {p.name: p.default for p in inspect.signature(attack).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def _lookup(name: str) -> ModelAttack:
@@ -282,7 +278,9 @@ def flip_labels(labels: Tensor, num_classes: int) -> Tensor:
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"flip_labels: labels must be an integer tensor, got {labels.dtype}")
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"flip_labels: labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(
+            f"flip_labels: labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]"
+        )
     return (num_classes - 1) - labels
 
 

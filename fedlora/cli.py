@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -45,19 +45,19 @@ def main() -> None:
 
 
 SetOption = Annotated[
-    Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable).")
+    list[str] | None, typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable).")
 ]
 
 
 @cli.command()
 def simulate(
     config_path: Annotated[
-        Optional[Path], typer.Argument(metavar="CONFIG", help="Experiment TOML, e.g. simulations/quickstart.toml.")
+        Path | None, typer.Argument(metavar="CONFIG", help="Experiment TOML, e.g. simulations/quickstart.toml.")
     ] = None,
     overrides: SetOption = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: output.dir/<strategy>-<time>).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default: output.dir/<strategy>-<time>).")] = None,
     resume: Annotated[
-        Optional[Path], typer.Option("--resume", metavar="RUN_DIR", help="Continue a stopped run from its last finished round.")
+        Path | None, typer.Option("--resume", metavar="RUN_DIR", help="Continue a stopped run from its last finished round.")
     ] = None,
 ) -> None:
     """Run a federation on Flower's simulation engine, showing each round as it finishes."""
@@ -126,9 +126,14 @@ def strategies() -> None:
 
 @cli.command()
 def compare(
-    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Experiment TOML with a sweep section, e.g. simulations/compare_strategies.toml.")],
+    config_path: Annotated[
+        Path,
+        typer.Argument(metavar="CONFIG", help="Experiment TOML with a sweep section, e.g. simulations/compare_strategies.toml."),
+    ],
     overrides: SetOption = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Sweep directory (default: output.dir/compare-<config name>).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Sweep directory (default: output.dir/compare-<config name>).")
+    ] = None,
 ) -> None:
     """Run every variant of a config's sweep section (finished runs are kept), then write one report."""
     from fedlora.sweep import load_sweep, run_sweep  # imports Flower and the strategies
@@ -140,14 +145,22 @@ def compare(
     _print_report(files)
     failed = [outcome for outcome in outcomes if outcome.status == "failed"]
     if failed:
-        console.print(f"[red]{len(failed)} run(s) failed[/red]; their error.txt says why; run the same command again to retry them", soft_wrap=True)
+        console.print(
+            f"[red]{len(failed)} run(s) failed[/red]; their error.txt says why; run the same command again to retry them",
+            soft_wrap=True,
+        )
         raise typer.Exit(1)
 
 
 @cli.command()
 def report(
-    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run directories, or sweep directories (their runs).")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Report directory (default: the sweep directory, or <parent of the runs>/report).")] = None,
+    run_dirs: Annotated[
+        list[Path], typer.Argument(metavar="RUN_DIR...", help="Run directories, or sweep directories (their runs).")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Report directory (default: the sweep directory, or <parent of the runs>/report)."),
+    ] = None,
 ) -> None:
     """Write the comparison report (HTML, Markdown, CSV, plots) from existing run directories."""
     if out is None:

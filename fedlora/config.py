@@ -93,15 +93,9 @@ class FederationConfig(_Section):
     @model_validator(mode="after")
     def _sample_fits(self) -> FederationConfig:
         if self.clients_per_round > self.num_clients:
-            raise ValueError(
-                f"clients_per_round ({self.clients_per_round}) must be at most "
-                f"num_clients ({self.num_clients})"
-            )
+            raise ValueError(f"clients_per_round ({self.clients_per_round}) must be at most num_clients ({self.num_clients})")
         if self.min_replies > self.clients_per_round:
-            raise ValueError(
-                f"min_replies ({self.min_replies}) must be at most "
-                f"clients_per_round ({self.clients_per_round})"
-            )
+            raise ValueError(f"min_replies ({self.min_replies}) must be at most clients_per_round ({self.clients_per_round})")
         return self
 
 

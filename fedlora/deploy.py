@@ -31,7 +31,7 @@ import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -144,7 +144,9 @@ def write_certificates(out: Path, hosts: list[str], days: int = 365, force: bool
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(False, False, False, False, False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False),
+            x509.KeyUsage(
+                False, False, False, False, False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False
+            ),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
@@ -167,7 +169,9 @@ def write_certificates(out: Path, hosts: list[str], days: int = 365, force: bool
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
-            x509.KeyUsage(True, False, False, False, True, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False),
+            x509.KeyUsage(
+                True, False, False, False, True, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False
+            ),
             critical=True,
         )
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
@@ -250,15 +254,21 @@ def superlink_command(
         database = Path(database).resolve()
     return [
         flower_executable("flower-superlink"),
-        "--ssl-ca-certfile", str(ca),
-        "--ssl-certfile", str(cert),
-        "--ssl-keyfile", str(key),
+        "--ssl-ca-certfile",
+        str(ca),
+        "--ssl-certfile",
+        str(cert),
+        "--ssl-keyfile",
+        str(key),
         "--enable-supernode-auth",
         # The app's dependencies are installed on the server already; don't let `uv sync` try.
         "--disable-runtime-dependency-installation",
-        "--host", host,
-        "--port", str(port),
-        "--database", str(database),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str(database),
         *(extra or []),
     ]
 
@@ -284,15 +294,21 @@ def node_config_string(
     if data_path is not None and client_id is None and partition_id is None:
         raise DeployError("a SuperNode with --data-path needs --client-id (unique in the federation, 0..num_clients-1)")
     if data_path is None and partition_id is None and client_id is None:
-        raise DeployError("give --data-path and --client-id (the device's own data) or --partition-id and --num-partitions (its share of the experiment's data)")
+        raise DeployError(
+            "give --data-path and --client-id (the device's own data) or --partition-id and --num-partitions (its share of the experiment's data)"
+        )
     if partition_id is not None and client_id is not None:
         raise DeployError("give either --client-id or --partition-id, not both")
     if (partition_id is None) != (num_partitions is None):
-        raise DeployError("--partition-id and --num-partitions go together (num-partitions: the experiment's federation.num_clients)")
+        raise DeployError(
+            "--partition-id and --num-partitions go together (num-partitions: the experiment's federation.num_clients)"
+        )
     items: list[tuple[str, str | int]] = []
     if data_path is not None:
         if not (data_path.is_dir() or (data_path.is_file() and data_path.suffix in (".csv", ".jsonl"))):
-            raise DeployError(f"--data-path {data_path}: not an existing .csv / .jsonl file nor a saved Hugging Face data set folder")
+            raise DeployError(
+                f"--data-path {data_path}: not an existing .csv / .jsonl file nor a saved Hugging Face data set folder"
+            )
         items.append(("data-path", str(data_path.resolve())))
     if client_id is not None:
         items.append(("client-id", client_id))
@@ -319,11 +335,16 @@ def supernode_command(
     key = _need_file(private_key, "SuperNode private key", "create one with `fedlora deploy node-key NAME`")
     return [
         flower_executable("flower-supernode"),
-        "--superlink", superlink,
-        "--root-certificates", str(ca),
-        "--auth-supernode-private-key", str(key),
-        "--node-config", node_config,
-        "--port", str(port),
+        "--superlink",
+        superlink,
+        "--root-certificates",
+        str(ca),
+        "--auth-supernode-private-key",
+        str(key),
+        "--node-config",
+        node_config,
+        "--port",
+        str(port),
         *(extra or []),
     ]
 
@@ -383,9 +404,17 @@ def _launch(command: list[str], dry_run: bool) -> None:
 
 @deploy.command()
 def certs(
-    host: Annotated[Optional[list[str]], typer.Option("--host", help="A name or IP address the SuperNodes use to reach the SuperLink (repeatable); loopback is always added.")] = None,
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--host",
+            help="A name or IP address the SuperNodes use to reach the SuperLink (repeatable); loopback is always added.",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for the files.")] = DEFAULT_CERTS,
-    supernodes: Annotated[int, typer.Option("--supernodes", "-n", min=0, help="SuperNode key pairs to create (supernodes/supernode-<i>.key/.pub).")] = 0,
+    supernodes: Annotated[
+        int, typer.Option("--supernodes", "-n", min=0, help="SuperNode key pairs to create (supernodes/supernode-<i>.key/.pub).")
+    ] = 0,
     days: Annotated[int, typer.Option("--days", help="Validity of the certificates.")] = 365,
     force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
 ) -> None:
@@ -425,10 +454,14 @@ def node_key(
 def superlink(
     certs_dir: Annotated[Path, typer.Option("--certs", help="Folder with ca.crt, server.crt, server.key.")] = DEFAULT_CERTS,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "0.0.0.0",
-    port: Annotated[int, typer.Option("--port", help="The one HTTPS port for SuperNodes, `flwr` and the ServerApp.")] = SUPERLINK_PORT,
-    database: Annotated[str, typer.Option("--database", help=f"State file (registered SuperNodes, runs); {FLWR_IN_MEMORY} keeps none.")] = str(DEFAULT_DATABASE),
+    port: Annotated[
+        int, typer.Option("--port", help="The one HTTPS port for SuperNodes, `flwr` and the ServerApp.")
+    ] = SUPERLINK_PORT,
+    database: Annotated[
+        str, typer.Option("--database", help=f"State file (registered SuperNodes, runs); {FLWR_IN_MEMORY} keeps none.")
+    ] = str(DEFAULT_DATABASE),
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command without running it.")] = False,
-    extra: Annotated[Optional[list[str]], typer.Argument(help="More flower-superlink arguments (after --).")] = None,
+    extra: Annotated[list[str] | None, typer.Argument(help="More flower-superlink arguments (after --).")] = None,
 ) -> None:
     """Start the SuperLink with TLS and SuperNode authentication (prints the command it runs)."""
     try:
@@ -456,7 +489,9 @@ def connection(
 @deploy.command()
 def register(
     public_keys: Annotated[list[Path], typer.Argument(metavar="PUBLIC_KEY...", help="SuperNode public keys (.pub).")],
-    name: Annotated[str, typer.Option("--connection", help="SuperLink connection (see `fedlora deploy connection`).")] = DEFAULT_CONNECTION,
+    name: Annotated[
+        str, typer.Option("--connection", help="SuperLink connection (see `fedlora deploy connection`).")
+    ] = DEFAULT_CONNECTION,
 ) -> None:
     """Register SuperNode public keys with the SuperLink; only registered SuperNodes may connect."""
     missing = [str(key) for key in public_keys if not key.is_file()]
@@ -476,7 +511,9 @@ def register(
             console.print(f"  {key.name}: node {node_id}", highlight=False)
         else:
             failed += 1
-            console.print(f"  [red]{escape(key.name)}: not registered[/red] {escape((done.stderr or done.stdout).strip())}", highlight=False)
+            console.print(
+                f"  [red]{escape(key.name)}: not registered[/red] {escape((done.stderr or done.stdout).strip())}", highlight=False
+            )
     if failed:
         raise typer.Exit(1)
 
@@ -495,15 +532,29 @@ def supernode(
     superlink_address: Annotated[str, typer.Option("--superlink", help="HOST:PORT of the SuperLink.")],
     private_key: Annotated[Path, typer.Option("--key", help="This SuperNode's private key (registered .pub).")],
     ca_cert: Annotated[Path, typer.Option("--ca", help="The deployment's CA certificate.")] = DEFAULT_CERTS / CA_CERT,
-    data_path: Annotated[Optional[Path], typer.Option("--data-path", help="This device's data set: .csv, .jsonl or a saved Hugging Face data set folder.")] = None,
-    client_id: Annotated[Optional[int], typer.Option("--client-id", help="Which client this node is (unique, 0..num_clients-1); needed with --data-path.")] = None,
-    partition_id: Annotated[Optional[int], typer.Option("--partition-id", help="Without --data-path: this node's share of the experiment's data.")] = None,
-    num_partitions: Annotated[Optional[int], typer.Option("--num-partitions", help="With --partition-id: the experiment's federation.num_clients.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="Torch device for training: cpu, cuda, cuda:1, auto.")] = None,
-    port: Annotated[int, typer.Option("--port", help="Local Runtime API port; distinct for each SuperNode on one machine.")] = SUPERNODE_PORT,
-    node_config: Annotated[Optional[str], typer.Option("--node-config", help="More node config, 'key=value ...' (TOML values).")] = None,
+    data_path: Annotated[
+        Path | None,
+        typer.Option("--data-path", help="This device's data set: .csv, .jsonl or a saved Hugging Face data set folder."),
+    ] = None,
+    client_id: Annotated[
+        int | None,
+        typer.Option("--client-id", help="Which client this node is (unique, 0..num_clients-1); needed with --data-path."),
+    ] = None,
+    partition_id: Annotated[
+        int | None, typer.Option("--partition-id", help="Without --data-path: this node's share of the experiment's data.")
+    ] = None,
+    num_partitions: Annotated[
+        int | None, typer.Option("--num-partitions", help="With --partition-id: the experiment's federation.num_clients.")
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Torch device for training: cpu, cuda, cuda:1, auto.")] = None,
+    port: Annotated[
+        int, typer.Option("--port", help="Local Runtime API port; distinct for each SuperNode on one machine.")
+    ] = SUPERNODE_PORT,
+    node_config: Annotated[
+        str | None, typer.Option("--node-config", help="More node config, 'key=value ...' (TOML values).")
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command without running it.")] = False,
-    extra: Annotated[Optional[list[str]], typer.Argument(help="More flower-supernode arguments (after --).")] = None,
+    extra: Annotated[list[str] | None, typer.Argument(help="More flower-supernode arguments (after --).")] = None,
 ) -> None:
     """Start a SuperNode: TLS to the SuperLink, authenticated by its key, training on its own data."""
     from fedlora.config import ConfigError

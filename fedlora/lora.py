@@ -98,7 +98,9 @@ class LoraState:
     def minus(self, reference: LoraState) -> LoraState:
         """This state's change from `reference`, over the tensors this state holds."""
         return LoraState(
-            factors={layer: {p: t - reference.factors[layer][p] for p, t in parts.items()} for layer, parts in self.factors.items()},
+            factors={
+                layer: {p: t - reference.factors[layer][p] for p, t in parts.items()} for layer, parts in self.factors.items()
+            },
             head={name: t - reference.head[name] for name, t in self.head.items()},
         )
 
@@ -128,7 +130,7 @@ class LoraState:
         state = cls()
         for key, tensor in tensors.items():
             if key.startswith(HEAD_PREFIX):
-                state.head[key[len(HEAD_PREFIX):]] = tensor
+                state.head[key[len(HEAD_PREFIX) :]] = tensor
                 continue
             layer, _, part = key.rpartition(".")
             if part not in FACTORS or not layer:

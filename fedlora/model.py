@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -54,10 +54,7 @@ def model_source(config: ModelConfig) -> str:
         return str(minilm_path())  # the tiny model borrows MiniLM's tokenizer
     if Path(config.name).exists() or "/" in config.name:
         return config.name
-    raise ConfigError(
-        f"model.name: {config.name!r} is neither 'minilm', 'tiny', a local folder "
-        "nor a hub name (owner/model)"
-    )
+    raise ConfigError(f"model.name: {config.name!r} is neither 'minilm', 'tiny', a local folder nor a hub name (owner/model)")
 
 
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
@@ -92,9 +89,7 @@ def _from_pretrained(source: str, num_labels: int) -> PreTrainedModel:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=num_labels, ignore_mismatched_sizes=True
-        )
+        return AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, ignore_mismatched_sizes=True)
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1 is set)" if offline else ""

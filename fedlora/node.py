@@ -53,7 +53,9 @@ def node_experiment(experiment: ExperimentConfig, node_config: Mapping[str, Any]
         )
     for key in (CLIENT_ID, PARTITION_ID):
         if key in node_config and not 0 <= int(node_config[key]) < num_clients:
-            raise ConfigError(f"node config {key}={node_config[key]}: must be 0..{num_clients - 1} (federation.num_clients={num_clients})")
+            raise ConfigError(
+                f"node config {key}={node_config[key]}: must be 0..{num_clients - 1} (federation.num_clients={num_clients})"
+            )
     data_path = node_config.get(DATA_PATH)
     device = node_config.get(DEVICE)
     if data_path is None and device is None:

@@ -112,7 +112,9 @@ class Variant:
             return None, None
         return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
-    def band(self, extract: Callable[[dict[str, Any]], float | None], start: int = 1) -> tuple[list[int], list[float], list[float], list[float]]:
+    def band(
+        self, extract: Callable[[dict[str, Any]], float | None], start: int = 1
+    ) -> tuple[list[int], list[float], list[float], list[float]]:
         """Per round from `start`: rounds, mean, min and max over its runs."""
         per_run = [
             {r["round"]: float(v) for r in run.history if r["round"] >= start and (v := extract(r)) is not None}
@@ -448,7 +450,9 @@ def _integer_rounds(ax) -> None:
     ax.set_xlabel("round")
 
 
-def _plot_bands(ax, comparison: Comparison, extract: Callable[[dict[str, Any]], float | None], start: int, scale: float = 1.0) -> None:
+def _plot_bands(
+    ax, comparison: Comparison, extract: Callable[[dict[str, Any]], float | None], start: int, scale: float = 1.0
+) -> None:
     for i, (variant, color) in enumerate(zip(comparison.variants, _colors(len(comparison.variants)))):
         rounds, mean, low, high = variant.band(extract, start)
         if not rounds:
@@ -479,7 +483,16 @@ def plot_epsilon(comparison: Comparison) -> bytes:
             ax.scatter(*zip(*points), color=color, alpha=0.45, s=22)
             eps_mean, eps_std = variant.stat(lambda run: run.final_epsilon)
             acc_mean, acc_std = variant.stat(lambda run: run.final_accuracy)
-            ax.errorbar([eps_mean], [acc_mean], xerr=[eps_std or 0.0], yerr=[acc_std or 0.0], fmt="D", color=color, capsize=4, label=variant.label)
+            ax.errorbar(
+                [eps_mean],
+                [acc_mean],
+                xerr=[eps_std or 0.0],
+                yerr=[acc_std or 0.0],
+                fmt="D",
+                color=color,
+                capsize=4,
+                label=variant.label,
+            )
         else:
             acc_mean, _ = variant.stat(lambda run: run.final_accuracy)
             ax.axhline(acc_mean, linestyle="--", color=color, alpha=0.8, label=f"{variant.label} (no DP)")
@@ -693,11 +706,22 @@ def notes(comparison: Comparison) -> list[tuple[str, bool]]:
         spread = max(first_std or 0.0, second_std or 0.0)
         if lead == 0:
             tied = winners(comparison)
-            found.append((f"No winner: {len(tied)} variants tie at final accuracy {first_mean:.4f} ({'; '.join(v.label for v in tied)}).", True))
+            found.append(
+                (
+                    f"No winner: {len(tied)} variants tie at final accuracy {first_mean:.4f} ({'; '.join(v.label for v in tied)}).",
+                    True,
+                )
+            )
         elif first_std is None or second_std is None:
             found.append((text + f" The lead of {lead:.4f} comes from single runs: it may be seed noise; add seeds.", True))
         elif lead <= spread:
-            found.append((text + f" The lead of {lead:.4f} is within the spread over seeds (std up to {spread:.4f}): more seeds are needed to call it.", True))
+            found.append(
+                (
+                    text
+                    + f" The lead of {lead:.4f} is within the spread over seeds (std up to {spread:.4f}): more seeds are needed to call it.",
+                    True,
+                )
+            )
         else:
             found.append((text + f" The lead of {lead:.4f} exceeds the spread over seeds (std up to {spread:.4f}).", False))
     seed_sets = {tuple(sorted(map(str, v.seeds))) for v in variants}
@@ -730,11 +754,27 @@ code{font-size:.85em}
 """
 
 SECTIONS = (
-    ("accuracy", "Accuracy per round", "Test accuracy of the global model on the server's held-out set after each round (round 0: before training)."),
-    ("epsilon", "Final accuracy against ε", "ε: the privacy budget spent by the end of the run, the maximum over clients (δ as configured)."),
-    ("bytes", "Communication per round", "Bytes of LoRA factors (and head) sent in each round, summed over the clients of the round."),
+    (
+        "accuracy",
+        "Accuracy per round",
+        "Test accuracy of the global model on the server's held-out set after each round (round 0: before training).",
+    ),
+    (
+        "epsilon",
+        "Final accuracy against ε",
+        "ε: the privacy budget spent by the end of the run, the maximum over clients (δ as configured).",
+    ),
+    (
+        "bytes",
+        "Communication per round",
+        "Bytes of LoRA factors (and head) sent in each round, summed over the clients of the round.",
+    ),
     ("time", "Time per round", "Server: aggregation plus evaluation. Clients: local training, as the clients reported it."),
-    ("detection", "Detection of attackers", "Per round: the share of attackers flagged (TPR) and of honest clients flagged (FPR)."),
+    (
+        "detection",
+        "Detection of attackers",
+        "Per round: the share of attackers flagged (TPR) and of honest clients flagged (FPR).",
+    ),
 )
 EMPTY = {
     "epsilon": "No run used differential privacy (no ε recorded): there is no accuracy–ε trade-off to plot.",
@@ -747,7 +787,8 @@ def _html_table(table: Table) -> str:
     body = []
     for i, row in enumerate(table.rows):
         cells = "".join(
-            f'<td class="text">{html.escape(c)}</td>' if j in table.text else f"<td>{html.escape(c)}</td>" for j, c in enumerate(row)
+            f'<td class="text">{html.escape(c)}</td>' if j in table.text else f"<td>{html.escape(c)}</td>"
+            for j, c in enumerate(row)
         )
         body.append(f'<tr class="winner">{cells}</tr>' if i in table.highlight else f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
@@ -889,10 +930,7 @@ def write_report(paths: list[Path], out: Path, title: str = "fedlora comparison"
     """Read the runs under `paths` and write report.html, report.md, results.csv, plots and config.toml into `out`."""
     run_dirs, excluded = find_runs(paths)
     names = [d.name for d in run_dirs]
-    runs = [
-        load_run(d, d.name if names.count(d.name) == 1 else f"{d.parent.name}/{d.name}")
-        for d in run_dirs
-    ]
+    runs = [load_run(d, d.name if names.count(d.name) == 1 else f"{d.parent.name}/{d.name}") for d in run_dirs]
     comparison = compare(runs, excluded)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

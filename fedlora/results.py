@@ -1,11 +1,11 @@
 """The run directory: resolved config, per-round history, summary and the exported adapter.
 
-    <run_dir>/config.json       the resolved ExperimentConfig
-    <run_dir>/history.jsonl     one JSON line per round (round 0: the initial model)
-    <run_dir>/summary.json      final figures, per-client records, package versions
-    <run_dir>/adapter/          the final adapter in peft's format
-    <run_dir>/checkpoint.pt     the last finished round: global factors, privacy ledgers,
-                                elapsed time (a resumed run continues from it)
+<run_dir>/config.json       the resolved ExperimentConfig
+<run_dir>/history.jsonl     one JSON line per round (round 0: the initial model)
+<run_dir>/summary.json      final figures, per-client records, package versions
+<run_dir>/adapter/          the final adapter in peft's format
+<run_dir>/checkpoint.pt     the last finished round: global factors, privacy ledgers,
+                            elapsed time (a resumed run continues from it)
 """
 
 from __future__ import annotations

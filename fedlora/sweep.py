@@ -145,7 +145,9 @@ def _expand(raw: dict[str, Any], axes: dict[str, list[Any]], overrides: list[str
         except ConfigError as err:
             raise SweepError(f"sweep variant {name}: {err}") from None
         if name in names:
-            raise SweepError(f"sweep variants {names[name]} and {settings} get the same run name {name!r}; make the values differ")
+            raise SweepError(
+                f"sweep variants {names[name]} and {settings} get the same run name {name!r}; make the values differ"
+            )
         names[name] = settings
         variants.append(Variant(name=name, settings=settings, config=config))
     return variants
@@ -188,7 +190,7 @@ def _toml_value(value: Any) -> str:
 
 
 def run_status(run_dir: Path) -> str:
-    """"finished" when summary.json says so, "failed" when error.txt is there, else "pending"."""
+    """ "finished" when summary.json says so, "failed" when error.txt is there, else "pending"."""
     try:
         if json.loads((run_dir / SUMMARY).read_text()).get("status") == "finished":
             return "finished"
@@ -209,8 +211,7 @@ def _check_finished_config(run_dir: Path, variant: Variant) -> None:
     if recorded != expected:
         changed = sorted(k for k in set(recorded) | set(expected) if recorded.get(k) != expected.get(k))
         raise SweepError(
-            f"{run_dir} finished with a different config ({', '.join(changed)} changed); "
-            "delete it or choose another --out"
+            f"{run_dir} finished with a different config ({', '.join(changed)} changed); delete it or choose another --out"
         )
 
 
@@ -286,7 +287,9 @@ def run_sweep(sweep: Sweep, out: Path, console: Console | None = None) -> list[R
                 (run_dir / ERROR).write_text(message + "\n\n" + traceback.format_exc())
                 statuses[variant.name] = {"status": "failed", "error": _first_line(message)}
                 outcomes.append(RunOutcome(variant, "failed", error=_first_line(message)))
-                progress.console.print(f"[red]failed[/red]   {variant.name}: {escape(_first_line(message))}", highlight=False, soft_wrap=True)
+                progress.console.print(
+                    f"[red]failed[/red]   {variant.name}: {escape(_first_line(message))}", highlight=False, soft_wrap=True
+                )
             else:
                 seconds = time.perf_counter() - started
                 statuses[variant.name] = {"status": "finished", "final_accuracy": summary["final_accuracy"]}

@@ -147,9 +147,7 @@ class LoraStrategy(Strategy):
         return state
 
     @abstractmethod
-    def aggregate_factors(
-        self, global_state: LoraState, updates: list[LoraState], weights: torch.Tensor
-    ) -> LoraState:
+    def aggregate_factors(self, global_state: LoraState, updates: list[LoraState], weights: torch.Tensor) -> LoraState:
         """New global factors from the clients' trained factors (weights sum to 1)."""
 
     def check_update(self, update: ClientUpdate) -> str | None:
@@ -168,9 +166,7 @@ class LoraStrategy(Strategy):
         rng = random.Random(f"{self.seed}:{server_round}")
         return sorted(rng.sample(by_client, self.clients_per_round), key=self.clients.__getitem__)
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """One train message per sampled client: the global state and what to train."""
         self.global_state = LoraState.from_array_record(arrays)
         self.server_round = server_round
@@ -189,9 +185,7 @@ class LoraStrategy(Strategy):
             for node in nodes
         ]
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate the replies, then aggregate the valid ones into the new global state."""
         round_log = self.last_round
         round_log.client_seconds = time.perf_counter() - self._sent_at
@@ -207,16 +201,21 @@ class LoraStrategy(Strategy):
         # min_replies counts valid replies; a defence may then keep fewer (Krum keeps one), not none.
         if len(updates) < self.min_replies or not kept:
             round_log.skipped = True
-            log(WARNING, "round %d skipped: %d valid replies (at least %d needed), %d kept", server_round, len(updates), self.min_replies, len(kept))
+            log(
+                WARNING,
+                "round %d skipped: %d valid replies (at least %d needed), %d kept",
+                server_round,
+                len(updates),
+                self.min_replies,
+                len(kept),
+            )
             return None, None
         new_state = self._aggregate([robust_update] if robust_update else kept)
         round_log.aggregate_seconds = time.perf_counter() - started
         self.global_state = new_state
         return new_state.to_array_record(), self._train_metrics(kept)
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """The server evaluates on its held-out split; no client-side evaluation round."""
         return []
 
@@ -284,7 +283,9 @@ class LoraStrategy(Strategy):
         metrics = {k: float(v) for k, v in metrics_record.items() if isinstance(v, (int, float))}
         self.last_round.client_metrics[client_id] = metrics
         if metrics.get(REFUSED, 0.0):
-            self.last_round.refused.append({"client": client_id, "reason": str(content.config_records.get(INFO_KEY, {}).get("refused-reason", ""))})
+            self.last_round.refused.append(
+                {"client": client_id, "reason": str(content.config_records.get(INFO_KEY, {}).get("refused-reason", ""))}
+            )
             return None
         arrays = content.array_records.get(ARRAYS_KEY)
         if arrays is None:

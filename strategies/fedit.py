@@ -17,8 +17,7 @@ def average_factors(updates: list[LoraState], weights: torch.Tensor, parts: str 
     layers = updates[0].factors
     return LoraState(
         factors={
-            layer: {part: weighted_sum([u.factors[layer][part] for u in updates], weights) for part in parts}
-            for layer in layers
+            layer: {part: weighted_sum([u.factors[layer][part] for u in updates], weights) for part in parts} for layer in layers
         }
     )
 

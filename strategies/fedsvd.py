@@ -57,9 +57,7 @@ def _check_factors(B: Tensor, A: Tensor) -> None:
     if B.ndim != 2 or A.ndim != 2:
         raise ValueError(f"refactorize: B and A must be 2-D, got shapes {tuple(B.shape)} and {tuple(A.shape)}")
     if B.shape[1] != A.shape[0]:
-        raise ValueError(
-            f"refactorize: B is {tuple(B.shape)} and A is {tuple(A.shape)}; B must be d_out x r and A r x d_in"
-        )
+        raise ValueError(f"refactorize: B is {tuple(B.shape)} and A is {tuple(A.shape)}; B must be d_out x r and A r x d_in")
     if B.shape[1] == 0:
         raise ValueError("refactorize: rank r must be at least 1")
 

@@ -28,7 +28,9 @@ def krum_scores(updates: Tensor, num_malicious: int) -> Tensor:
     """Each client's Krum score (float64): the sum of squared distances to its n - f - 2 nearest other updates."""
     n = updates.shape[0]
     if num_malicious < 0 or n < 2 * num_malicious + 3:
-        raise ValueError(f"krum: needs n >= 2 f + 3 clients, got n = {n} with f = {num_malicious}; lower f or sample more clients")
+        raise ValueError(
+            f"krum: needs n >= 2 f + 3 clients, got n = {n} with f = {num_malicious}; lower f or sample more clients"
+        )
     work = updates.detach().to(torch.float64)
     # The mm-based formula loses digits when updates are close together; the direct one does not.
     squared = torch.cdist(work, work, compute_mode="donot_use_mm_for_euclid_dist") ** 2

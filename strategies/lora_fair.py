@@ -353,9 +353,7 @@ def _check_inputs(Bs: list[Tensor], As: list[Tensor], weights: Tensor | Sequence
         raise ValueError(f"lora_fair: {len(Bs)} B factors but {len(As)} A factors; give one of each per client")
     b_shape, a_shape = Bs[0].shape, As[0].shape
     if len(b_shape) != 2 or len(a_shape) != 2 or b_shape[1] != a_shape[0] or b_shape[1] == 0:
-        raise ValueError(
-            f"lora_fair: B {tuple(b_shape)} and A {tuple(a_shape)} must be d_out x r and r x d_in with r >= 1"
-        )
+        raise ValueError(f"lora_fair: B {tuple(b_shape)} and A {tuple(a_shape)} must be d_out x r and r x d_in with r >= 1")
     for k, (b, a) in enumerate(zip(Bs, As)):
         if b.shape != b_shape or a.shape != a_shape:
             raise ValueError(

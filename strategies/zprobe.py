@@ -612,8 +612,15 @@ def zprobe_filter(
     else:
         best = max(outcomes, key=lambda o: (o.converged, len(o.accepted)))
     return _result(
-        clients, best.accepted, best.bounds, params.eta, best.coords, screened, multiplier,
-        queries + state.queries, 1 + state.rounds,
+        clients,
+        best.accepted,
+        best.bounds,
+        params.eta,
+        best.coords,
+        screened,
+        multiplier,
+        queries + state.queries,
+        1 + state.rounds,
     )
 
 
@@ -693,8 +700,15 @@ def _derive(seed: int, index: int, purpose: str = "zprobe-clusters") -> int:
 
 
 def _result(
-    clients: list[int], accepted: list[int], bounds: Bounds, eta: float, coords: Tensor,
-    screened: list[int], multiplier: float, queries: int, rounds: int,
+    clients: list[int],
+    accepted: list[int],
+    bounds: Bounds,
+    eta: float,
+    coords: Tensor,
+    screened: list[int],
+    multiplier: float,
+    queries: int,
+    rounds: int,
 ) -> FilterResult:
     kept = set(accepted)
     return FilterResult(

@@ -105,10 +105,7 @@ def test_hard_constructions_and_varied_lengths() -> None:
     # Most texts are unique, and a good share names words of two or more classes.
     assert len(set(corpus.train.texts)) >= 0.95 * len(corpus.train.texts)
     vocabulary = class_vocabulary("train")
-    multi = sum(
-        sum(_mentions(text, terms) for terms in vocabulary.values()) >= 2
-        for text in corpus.train.texts
-    )
+    multi = sum(sum(_mentions(text, terms) for terms in vocabulary.values()) >= 2 for text in corpus.train.texts)
     assert multi >= 0.4 * len(corpus.train.texts)
 
 

@@ -199,37 +199,99 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     try:
         superlink = processes.start(
             "superlink",
-            fedlora("deploy", "superlink", "--certs", str(certs), "--host", "127.0.0.1", "--port", str(link_port), "--database", ":flwr-in-memory:"),
+            fedlora(
+                "deploy",
+                "superlink",
+                "--certs",
+                str(certs),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link_port),
+                "--database",
+                ":flwr-in-memory:",
+            ),
             node_env(base_env, root / "home-superlink"),
             root,
         )
-        wait_for(lambda: listening(link_port) or superlink.poll() is not None, STARTUP_TIMEOUT, "the SuperLink", processes.log("superlink"))
+        wait_for(
+            lambda: listening(link_port) or superlink.poll() is not None,
+            STARTUP_TIMEOUT,
+            "the SuperLink",
+            processes.log("superlink"),
+        )
         assert superlink.poll() is None, processes.log("superlink")
 
-        subprocess.run(fedlora("deploy", "connection", "--address", address, "--ca", str(certs / "ca.crt")), env=cli_env, check=True, cwd=root)
+        subprocess.run(
+            fedlora("deploy", "connection", "--address", address, "--ca", str(certs / "ca.crt")),
+            env=cli_env,
+            check=True,
+            cwd=root,
+        )
         registered = subprocess.run(
-            fedlora("deploy", "register", *[str(pair.public) for pair in keys[:NUM_NODES]]), env=cli_env, cwd=root, capture_output=True, text=True, check=False
+            fedlora("deploy", "register", *[str(pair.public) for pair in keys[:NUM_NODES]]),
+            env=cli_env,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         assert registered.returncode == 0, registered.stdout + registered.stderr
 
         for i in range(NUM_NODES):
-            where = ["--data-path", str(own_data), "--client-id", "0", "--device", "cpu"] if i == 0 else ["--partition-id", str(i), "--num-partitions", str(NUM_NODES)]
+            where = (
+                ["--data-path", str(own_data), "--client-id", "0", "--device", "cpu"]
+                if i == 0
+                else ["--partition-id", str(i), "--num-partitions", str(NUM_NODES)]
+            )
             processes.start(
                 f"supernode-{i}",
-                fedlora("deploy", "supernode", "--superlink", address, "--ca", str(certs / "ca.crt"), "--key", str(keys[i].private), "--port", str(free_port()), *where),
+                fedlora(
+                    "deploy",
+                    "supernode",
+                    "--superlink",
+                    address,
+                    "--ca",
+                    str(certs / "ca.crt"),
+                    "--key",
+                    str(keys[i].private),
+                    "--port",
+                    str(free_port()),
+                    *where,
+                ),
                 node_env(base_env, root / f"home-node{i}"),
                 root,
             )
         rogue = processes.start(
             "supernode-unregistered",
             fedlora(
-                "deploy", "supernode", "--superlink", address, "--ca", str(certs / "ca.crt"), "--key", str(keys[NUM_NODES].private),
-                "--port", str(free_port()), "--partition-id", "0", "--num-partitions", str(NUM_NODES), "--", "--max-retries", "3",
+                "deploy",
+                "supernode",
+                "--superlink",
+                address,
+                "--ca",
+                str(certs / "ca.crt"),
+                "--key",
+                str(keys[NUM_NODES].private),
+                "--port",
+                str(free_port()),
+                "--partition-id",
+                "0",
+                "--num-partitions",
+                str(NUM_NODES),
+                "--",
+                "--max-retries",
+                "3",
             ),
             node_env(base_env, root / "home-rogue"),
             root,
         )
-        wait_for(lambda: rogue.poll() is not None, STARTUP_TIMEOUT, "the unregistered SuperNode to be turned away", processes.log("supernode-unregistered"))
+        wait_for(
+            lambda: rogue.poll() is not None,
+            STARTUP_TIMEOUT,
+            "the unregistered SuperNode to be turned away",
+            processes.log("supernode-unregistered"),
+        )
 
         run_dir = root / "runs"
         run_config = root / "run-config.toml"
@@ -240,19 +302,38 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             f"run-dir = {json.dumps(str(run_dir))}\n"
         )
         submitted = subprocess.run(
-            [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR), "fedlora", "--run-config", str(run_config), "--format", "json"],
-            env=cli_env, cwd=root, capture_output=True, text=True, timeout=120, check=False,
+            [
+                str(Path(sys.executable).parent / "flwr"),
+                "run",
+                str(APP_DIR),
+                "fedlora",
+                "--run-config",
+                str(run_config),
+                "--format",
+                "json",
+            ],
+            env=cli_env,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-        run_id = json.loads(submitted.stdout[submitted.stdout.index("{"):])["run-id"]
+        run_id = json.loads(submitted.stdout[submitted.stdout.index("{") :])["run-id"]
 
         def run_status() -> str:
             listed = subprocess.run(
                 [str(Path(sys.executable).parent / "flwr"), "list", "fedlora", "--run-id", str(run_id), "--format", "json"],
-                env=cli_env, cwd=root, capture_output=True, text=True, timeout=60, check=False,
+                env=cli_env,
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
             )
             try:
-                return json.loads(listed.stdout[listed.stdout.index("{"):])["runs"][0]["status"]
+                return json.loads(listed.stdout[listed.stdout.index("{") :])["runs"][0]["status"]
             except (ValueError, KeyError, IndexError):
                 return "unknown"
 
@@ -272,14 +353,24 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         if status != "finished:completed":  # the ServerApp's own words, for the failure message
             shown = subprocess.run(
                 [str(Path(sys.executable).parent / "flwr"), "log", str(run_id), "fedlora", "--show"],
-                env=cli_env, cwd=root, capture_output=True, text=True, timeout=60, check=False,
+                env=cli_env,
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
             )
             run_log = (shown.stdout + shown.stderr)[-4000:]
         nodes = subprocess.run(
             [str(Path(sys.executable).parent / "flwr"), "supernode", "list", "fedlora", "--format", "json"],
-            env=cli_env, cwd=root, capture_output=True, text=True, timeout=60, check=False,
+            env=cli_env,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
-        listing = json.loads(nodes.stdout[nodes.stdout.index("{"):])
+        listing = json.loads(nodes.stdout[nodes.stdout.index("{") :])
         deployment = Deployment(
             run_dir=run_dir / "deployed",
             run_status=status,
@@ -383,7 +474,13 @@ def test_the_superlink_runs_with_tls_and_supernode_auth_and_says_which_file_is_m
     write_certificates(tmp_path, [])
     command = superlink_command(tmp_path, port=9999, database=tmp_path / "state.db")
     assert Path(command[0]).name == "flower-superlink"
-    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth", "--disable-runtime-dependency-installation"):
+    for flag in (
+        "--ssl-ca-certfile",
+        "--ssl-certfile",
+        "--ssl-keyfile",
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+    ):
         assert flag in command
     assert "--insecure" not in command and command[command.index("--port") + 1] == "9999"
     (tmp_path / "server.key").unlink()
@@ -399,7 +496,12 @@ def test_a_supernode_command_carries_its_key_ca_and_node_config(tmp_path: Path) 
     config = node_config_string(data_path=data, device="cuda", client_id=4)
     assert config == f'data-path="{data.resolve()}" client-id=4 device="cuda"'
     command = supernode_command("server.lan:9092", tmp_path / "ca.crt", pair.private, config, port=9500)
-    for flag, value in [("--root-certificates", str((tmp_path / "ca.crt").resolve())), ("--auth-supernode-private-key", str(pair.private.resolve())), ("--node-config", config), ("--port", "9500")]:
+    for flag, value in [
+        ("--root-certificates", str((tmp_path / "ca.crt").resolve())),
+        ("--auth-supernode-private-key", str(pair.private.resolve())),
+        ("--node-config", config),
+        ("--port", "9500"),
+    ]:
         assert command[command.index(flag) + 1] == value
     assert "--insecure" not in command
     assert node_config_string(partition_id=1, num_partitions=3) == "partition-id=1 num-partitions=3"
@@ -447,7 +549,13 @@ def test_a_node_with_a_data_path_answers_for_its_own_examples(tmp_path: Path) ->
     app = build_client_app(config)
     expected = None
     for kind, (path, size) in own_data_files(tmp_path).items():
-        context = Context(run_id=1, node_id=1, node_config={"data-path": str(path), "client-id": 2, "device": "cpu"}, state=RecordDict(), run_config={})
+        context = Context(
+            run_id=1,
+            node_id=1,
+            node_config={"data-path": str(path), "client-id": 2, "device": "cpu"},
+            state=RecordDict(),
+            run_config={},
+        )
         reply = app(Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY), context)
         assert reply.content["metrics"]["num-examples"] == size, kind
         assert reply.content["info"]["client-id"] == 2
@@ -456,7 +564,9 @@ def test_a_node_with_a_data_path_answers_for_its_own_examples(tmp_path: Path) ->
             expected = examples.labels.tolist()
         assert examples.labels.tolist() == expected, f"{kind}: labels differ from the CSV's class names"
     # Without a data-path the node answers for its partition, as in simulation.
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 2, "num-partitions": 3}, state=RecordDict(), run_config={})
+    context = Context(
+        run_id=1, node_id=1, node_config={"partition-id": 2, "num-partitions": 3}, state=RecordDict(), run_config={}
+    )
     reply = app(Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY), context)
     assert reply.content["metrics"]["num-examples"] == len(workspace.federated_task(config).partitions[2].labels)
 
@@ -469,7 +579,9 @@ def first_train_message(config) -> Message:
     record = train_config(config, num_labels)
     record.update({"server-round": 1, "train-factors": "AB", "train-head": config.model.train_head})
     state = workspace.initial_state(config, num_labels)
-    return Message(RecordDict({"arrays": state.to_array_record(), "config": record}), dst_node_id=1, message_type=MessageType.TRAIN)
+    return Message(
+        RecordDict({"arrays": state.to_array_record(), "config": record}), dst_node_id=1, message_type=MessageType.TRAIN
+    )
 
 
 @pytest.mark.usefixtures("flower_task")
@@ -482,7 +594,10 @@ def test_a_node_trains_on_its_own_data_and_device(tmp_path: Path) -> None:
     assert next(workspace.lora_model(node, 8).parameters()).device.type == "cpu"
     context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
     reply = handle_train(first_train_message(config), context, node)
-    assert reply.content["metrics"]["num-examples"] == size and reply.content["metrics"]["train-steps"] == config.federation.local_steps
+    assert (
+        reply.content["metrics"]["num-examples"] == size
+        and reply.content["metrics"]["train-steps"] == config.federation.local_steps
+    )
 
 
 @pytest.mark.parametrize(
@@ -538,10 +653,43 @@ def test_fedlora_deploy_prints_the_flower_command_and_a_missing_file_in_one_line
     assert code == 2 and "Traceback" not in output and "ca.crt" in output and "fedlora deploy certs" in output
     code, output = run_fedlora(monkeypatch, capsys, "deploy", "certs", "--out", str(tmp_path), "--supernodes", "1")
     assert code == 0 and (tmp_path / "supernodes" / "supernode-0.key").is_file()
-    code, output = run_fedlora(monkeypatch, capsys, "deploy", "superlink", "--certs", str(tmp_path), "--database", ":flwr-in-memory:", "--dry-run")
+    code, output = run_fedlora(
+        monkeypatch, capsys, "deploy", "superlink", "--certs", str(tmp_path), "--database", ":flwr-in-memory:", "--dry-run"
+    )
     assert code == 0 and "flower-superlink" in output and "--enable-supernode-auth" in output
     key = str(tmp_path / "supernodes" / "supernode-0.key")
-    code, output = run_fedlora(monkeypatch, capsys, "deploy", "supernode", "--superlink", "server.lan:9092", "--ca", str(tmp_path / "ca.crt"), "--key", key, "--partition-id", "0", "--num-partitions", "3", "--dry-run")
+    code, output = run_fedlora(
+        monkeypatch,
+        capsys,
+        "deploy",
+        "supernode",
+        "--superlink",
+        "server.lan:9092",
+        "--ca",
+        str(tmp_path / "ca.crt"),
+        "--key",
+        key,
+        "--partition-id",
+        "0",
+        "--num-partitions",
+        "3",
+        "--dry-run",
+    )
     assert code == 0 and "flower-supernode" in output and "partition-id=0 num-partitions=3" in output
-    code, output = run_fedlora(monkeypatch, capsys, "deploy", "supernode", "--superlink", "server.lan:9092", "--ca", str(tmp_path / "ca.crt"), "--key", key, "--data-path", str(tmp_path / "none.csv"), "--client-id", "0")
+    code, output = run_fedlora(
+        monkeypatch,
+        capsys,
+        "deploy",
+        "supernode",
+        "--superlink",
+        "server.lan:9092",
+        "--ca",
+        str(tmp_path / "ca.crt"),
+        "--key",
+        key,
+        "--data-path",
+        str(tmp_path / "none.csv"),
+        "--client-id",
+        "0",
+    )
     assert code == 2 and "Traceback" not in output and "--data-path" in output

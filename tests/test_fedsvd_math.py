@@ -123,9 +123,7 @@ def test_dtype_preserved(dtype):
     assert B_new.dtype == dtype and A_new.dtype == dtype
 
 
-@pytest.mark.parametrize(
-    ("b_shape", "a_shape"), [((6, 3), (4, 5)), ((6,), (3, 5)), ((6, 3), (3, 5, 1)), ((6, 0), (0, 5))]
-)
+@pytest.mark.parametrize(("b_shape", "a_shape"), [((6, 3), (4, 5)), ((6,), (3, 5)), ((6, 3), (3, 5, 1)), ((6, 0), (0, 5))])
 def test_bad_shapes_raise(b_shape, a_shape):
     with pytest.raises(ValueError):
         refactorize(torch.ones(b_shape), torch.ones(a_shape))

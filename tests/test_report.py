@@ -95,7 +95,12 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.e2e
 def test_results_csv_has_one_row_per_run_with_the_figures_of_its_history(tiny_sweep: Path) -> None:
     rows = read_csv(tiny_sweep / "results.csv")
-    assert sorted((r["strategy.name"], r["seed"]) for r in rows) == [("fedit", "0"), ("fedit", "1"), ("ffa_lora", "0"), ("ffa_lora", "1")]
+    assert sorted((r["strategy.name"], r["seed"]) for r in rows) == [
+        ("fedit", "0"),
+        ("fedit", "1"),
+        ("ffa_lora", "0"),
+        ("ffa_lora", "1"),
+    ]
     for row in rows:
         history = read_history(Path(row["run_dir"]))
         assert Path(row["run_dir"]).parent == tiny_sweep
@@ -303,18 +308,26 @@ def test_a_killed_sweep_resumes_without_rerunning_its_finished_runs(tmp_path: Pa
 
 
 def test_a_sweep_expands_the_product_seed_slowest_with_stable_names(tmp_path: Path) -> None:
-    config = write_sweep_config(tmp_path / "s.toml", {"strategy.name": ["fedit", "ffa_lora"], "privacy.enabled": [False, True], "seed": [0, 1]})
+    config = write_sweep_config(
+        tmp_path / "s.toml", {"strategy.name": ["fedit", "ffa_lora"], "privacy.enabled": [False, True], "seed": [0, 1]}
+    )
     sweep = load_sweep(config)
     names = [v.name for v in sweep.variants]
     assert len(names) == len(set(names)) == 8
     assert names[0] == "strategy.name-fedit__privacy.enabled-false__seed-0"
     assert [v.config.seed for v in sweep.variants] == [0] * 4 + [1] * 4
     assert {(v.config.strategy.name, v.config.privacy.enabled) for v in sweep.variants[:4]} == {
-        ("fedit", False), ("fedit", True), ("ffa_lora", False), ("ffa_lora", True)
+        ("fedit", False),
+        ("fedit", True),
+        ("ffa_lora", False),
+        ("ffa_lora", True),
     }
     assert sweep.default_out() == tmp_path / "runs" / "compare-s"
-    fixed = load_sweep(config, ["seed=1", "sweep.strategy.name=[\"ffa_lora\"]", "federation.lr=0.01"])
-    assert [v.name for v in fixed.variants] == ["strategy.name-ffa_lora__privacy.enabled-false__seed-1", "strategy.name-ffa_lora__privacy.enabled-true__seed-1"]
+    fixed = load_sweep(config, ["seed=1", 'sweep.strategy.name=["ffa_lora"]', "federation.lr=0.01"])
+    assert [v.name for v in fixed.variants] == [
+        "strategy.name-ffa_lora__privacy.enabled-false__seed-1",
+        "strategy.name-ffa_lora__privacy.enabled-true__seed-1",
+    ]
     assert all(v.config.federation.lr == 0.01 for v in fixed.variants)
 
 
@@ -376,13 +389,17 @@ def fake_simulate(config, run_dir, on_round=None):
     return recorder.finish(1.0, {"strategy": config.strategy.name})
 
 
-def test_a_failed_run_is_recorded_the_sweep_goes_on_and_the_report_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_run_is_recorded_the_sweep_goes_on_and_the_report_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import json
 
     import fedlora.simulation
 
     monkeypatch.setattr(fedlora.simulation, "simulate", fake_simulate)
-    config = write_sweep_config(tmp_path / "f.toml", {"strategy.name": ["fedit", "ffa_lora"], "privacy.enabled": [True], "seed": [0, 1]})
+    config = write_sweep_config(
+        tmp_path / "f.toml", {"strategy.name": ["fedit", "ffa_lora"], "privacy.enabled": [True], "seed": [0, 1]}
+    )
     out = tmp_path / "out"
     code, output = run_cli("compare", str(config), "--out", str(out))
     assert code == 1 and "1 run(s) failed" in output

@@ -48,7 +48,7 @@ def test_the_global_adapter_changed_and_was_exported(fedit_run: Path) -> None:
     exported = load_exported_adapter(config.model, task.num_labels, config.seed, fedit_run / "adapter")
     final = LoraState.from_model(exported)
     assert set(final.factors) == set(initial.factors)
-    changed = [not torch.equal(final.factors[l]["B"], initial.factors[l]["B"]) for l in initial.factors]
+    changed = [not torch.equal(final.factors[layer]["B"], initial.factors[layer]["B"]) for layer in initial.factors]
     assert all(changed)
 
 

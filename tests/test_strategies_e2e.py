@@ -35,7 +35,7 @@ def test_each_strategy_runs_through_ray_and_changes_the_global_model(tmp_path: P
     config = tiny_config(f"strategy.name={strategy!r}")
     initial = workspace.initial_state(config, workspace.federated_task(config).num_labels)
     assert summary["status"] == "finished" and [h["round"] for h in history] == [0, 1, 2]
-    assert all(not torch.equal(final.factors[l]["B"], initial.factors[l]["B"]) for l in final.factors)
+    assert all(not torch.equal(final.factors[layer]["B"], initial.factors[layer]["B"]) for layer in final.factors)
     replies = [len(h["clients"]) for h in history[1:]]
     assert all(n == 3 for n in replies) and not any(h["rejected"] for h in history)
     if strategy in ("ffa_lora", "fedsvd"):

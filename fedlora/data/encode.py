@@ -34,9 +34,7 @@ class EncodedExamples:
 
 def encode_examples(tokenizer: PreTrainedTokenizerBase, examples: TextExamples, max_length: int) -> EncodedExamples:
     """Tokenize every text once (truncated to max_length)."""
-    encoded = tokenizer(
-        list(examples.texts), truncation=True, max_length=max_length, padding="longest", return_tensors="pt"
-    )
+    encoded = tokenizer(list(examples.texts), truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
     return EncodedExamples(
         input_ids=encoded["input_ids"],
         attention_mask=encoded["attention_mask"],

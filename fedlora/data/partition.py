@@ -37,14 +37,10 @@ def make_partitioner(config: DataConfig, num_clients: int, seed: int, table: dat
     )
 
 
-def partition_examples(
-    examples: TextExamples, config: DataConfig, num_clients: int, seed: int
-) -> list[TextExamples]:
+def partition_examples(examples: TextExamples, config: DataConfig, num_clients: int, seed: int) -> list[TextExamples]:
     """Every client's share of the examples, client 0 first."""
     if num_clients > len(examples.labels):
-        raise ConfigError(
-            f"federation.num_clients: {num_clients} clients but only {len(examples.labels)} train examples"
-        )
+        raise ConfigError(f"federation.num_clients: {num_clients} clients but only {len(examples.labels)} train examples")
     table = datasets.Dataset.from_dict({"text": examples.texts, "label": examples.labels})
     # IidPartitioner cuts contiguous shards: shuffle first so shards are random.
     partitioner = make_partitioner(config, num_clients, seed, table)

@@ -44,10 +44,7 @@ def load_data(config: DataConfig, seed: int) -> LabelledData:
     elif config.source.endswith(LOCAL_SUFFIXES):
         data = _load_local(config, seed)
     else:
-        raise ConfigError(
-            f"data.source: {config.source!r} is not 'builtin', 'hf:NAME[/CONFIG]' "
-            "nor a .csv / .jsonl file"
-        )
+        raise ConfigError(f"data.source: {config.source!r} is not 'builtin', 'hf:NAME[/CONFIG]' nor a .csv / .jsonl file")
     test = TextExamples(data.test.texts[: config.max_test_examples], data.test.labels[: config.max_test_examples])
     return LabelledData(data.class_names, data.train, test)
 
@@ -96,6 +93,7 @@ def _load_local(config: DataConfig, seed: int) -> LabelledData:
     random.Random(seed).shuffle(order)
     cut = max(1, int(len(order) * config.test_fraction))
     test_idx, train_idx = order[:cut], order[cut:]
+
     def pick(idx: list[int]) -> TextExamples:
         return TextExamples([texts[i] for i in idx], [labels[i] for i in idx])
 
@@ -189,7 +187,9 @@ def _node_labels(raw: list[object], class_names: Callable[[], list[str]], path: 
             if lookup is None:
                 lookup = {name: i for i, name in enumerate(class_names())}
             if str(value) not in lookup:
-                raise ConfigError(f"node config data-path: label {value!r} in {path} is not a class of the task ({', '.join(lookup)})")
+                raise ConfigError(
+                    f"node config data-path: label {value!r} in {path} is not a class of the task ({', '.join(lookup)})"
+                )
             index = lookup[str(value)]
         if index < 0:
             raise ConfigError(f"node config data-path: label {value!r} in {path}: use class indices 0..C-1 or class names")
@@ -208,7 +208,7 @@ def _label_index(value: object) -> int | None:
 
 
 def _split_hf_source(source: str) -> tuple[str, str | None]:
-    parts = source[len(HF_PREFIX):].split("/")
+    parts = source[len(HF_PREFIX) :].split("/")
     if len(parts) == 3:
         return f"{parts[0]}/{parts[1]}", parts[2] or None
     if len(parts) == 2:

@@ -81,8 +81,11 @@ def measure_one(strategy_name: str, layers: int, clients: int) -> dict[str, floa
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     peak_since = proc_status_bytes("VmHWM") if baseline is not None else None
     return {
-        "seconds": seconds, "peak_bytes": peak, "adapter_bytes": adapter_bytes,
-        "baseline_bytes": baseline, "peak_since_baseline_bytes": peak_since,
+        "seconds": seconds,
+        "peak_bytes": peak,
+        "adapter_bytes": adapter_bytes,
+        "baseline_bytes": baseline,
+        "peak_since_baseline_bytes": peak_since,
     }
 
 
@@ -120,15 +123,29 @@ def main(layers: int = 32, clients: int = 10) -> dict[str, dict[str, float]]:
     print(f"server aggregation, Llama-7B-shaped adapters: {layers} layers x 7 projections, r={RANK}, {clients} clients")
     for name in STRATEGIES:
         out = subprocess.run(
-            [sys.executable, "-m", "tests.benchmarks.bench_aggregation", "--one", name, "--layers", str(layers), "--clients", str(clients)],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                "-m",
+                "tests.benchmarks.bench_aggregation",
+                "--one",
+                name,
+                "--layers",
+                str(layers),
+                "--clients",
+                str(clients),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         result = json.loads(out.stdout.strip().splitlines()[-1])
         figures[name] = result
         ratio = result["peak_bytes"] / result["adapter_bytes"]
         above = ""
         if result.get("peak_since_baseline_bytes") is not None:
-            result["above_baseline_ratio"] = (result["peak_since_baseline_bytes"] - result["baseline_bytes"]) / result["adapter_bytes"]
+            result["above_baseline_ratio"] = (result["peak_since_baseline_bytes"] - result["baseline_bytes"]) / result[
+                "adapter_bytes"
+            ]
             above = (
                 f"; above the {result['baseline_bytes'] / 2**30:.2f} GiB the process held before them:"
                 f" {result['above_baseline_ratio']:4.2f} x"

@@ -127,6 +127,7 @@ class StepTimes:
 
 def _clock(device: torch.device) -> Callable[[], float]:
     if device.type == "cuda":
+
         def now() -> float:
             torch.cuda.synchronize(device)
             return time.perf_counter()
@@ -135,7 +136,9 @@ def _clock(device: torch.device) -> Callable[[], float]:
     return time.perf_counter
 
 
-def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], now: Callable[[], float]) -> tuple[float, float, float]:
+def plain_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], now: Callable[[], float]
+) -> tuple[float, float, float]:
     """One step as `train_local` takes it; (forward, backward, optimizer) seconds."""
     t0 = now()
     loss = model(**batch).loss
@@ -148,7 +151,9 @@ def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
     return t1 - t0, t2 - t1, t3 - t2
 
 
-def private_step(training: PrivateTraining, batch: dict[str, torch.Tensor], now: Callable[[], float]) -> tuple[float, float, float]:
+def private_step(
+    training: PrivateTraining, batch: dict[str, torch.Tensor], now: Callable[[], float]
+) -> tuple[float, float, float]:
     """One step as `train_local_private` takes it; (forward, backward, optimizer) seconds."""
     t0 = now()
     logits = training.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -163,7 +168,9 @@ def private_step(training: PrivateTraining, batch: dict[str, torch.Tensor], now:
     return t1 - t0, t2 - t1, t3 - t2
 
 
-def make_private_copy(model: nn.Module, trains: str, train_head: bool, batch: dict[str, torch.Tensor], grad_sample_mode: str) -> PrivateTraining:
+def make_private_copy(
+    model: nn.Module, trains: str, train_head: bool, batch: dict[str, torch.Tensor], grad_sample_mode: str
+) -> PrivateTraining:
     """What `train_local_private` builds before its first step: a copy, frozen, wrapped."""
     private = copy.deepcopy(model)
     params = set_trainable(private, trains, train_head)
@@ -319,7 +326,9 @@ def main(
     batch = fixed_batch(batch_size, seq, vocab_size, device)
     on = f"{device}, {torch.get_num_threads()} torch thread(s)" if device.type == "cpu" else str(device)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"dp step: {description}; batch {batch_size} x {seq} tokens on {on} (load average {load}); Opacus {grad_sample_mode} mode")
+    print(
+        f"dp step: {description}; batch {batch_size} x {seq} tokens on {on} (load average {load}); Opacus {grad_sample_mode} mode"
+    )
     print(f"  median of {steps} steps after {warmup} warm-up; per step: forward / backward / optimizer (ms)")
     initial = LoraState.from_model(model)
     figures = {}
@@ -373,17 +382,34 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--modes", default="B,AB", help="comma-separated: B, AB")
-    parser.add_argument("--grad-sample-mode", choices=("hooks", "functorch"), default="hooks", help="Opacus grad_sample_mode (default: hooks, as privacy.grad_sample_mode)")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--grad-sample-mode",
+        choices=("hooks", "functorch"),
+        default="hooks",
+        help="Opacus grad_sample_mode (default: hooks, as privacy.grad_sample_mode)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
         help="torch CPU threads: 1 (default) is what a simulated client gets (federation.client_cpus); 0: torch's default",
     )
     parser.add_argument(
-        "--round-steps", type=int, default=20,
+        "--round-steps",
+        type=int,
+        default=20,
         help="local steps of a client's round, for the per-round figures (default: federation.local_steps); 0: skip them",
     )
     args = parser.parse_args()
     main(
-        args.model, args.device, args.batch, args.seq, args.steps, args.warmup,
-        tuple(args.modes.split(",")), args.grad_sample_mode, args.threads, args.round_steps,
+        args.model,
+        args.device,
+        args.batch,
+        args.seq,
+        args.steps,
+        args.warmup,
+        tuple(args.modes.split(",")),
+        args.grad_sample_mode,
+        args.threads,
+        args.round_steps,
     )

@@ -98,7 +98,9 @@ if __name__ == "__main__":
     parser.add_argument("--factored-repeats", type=int, default=20)
     parser.add_argument("--dense-repeats", type=int, default=1)
     parser.add_argument(
-        "--shapes", type=parse_shapes, default=None,
+        "--shapes",
+        type=parse_shapes,
+        default=None,
         help="comma-separated d_outxd_in layers (default: 4096x4096,11008x4096; the dense SVD's cost grows as d^3)",
     )
     args = parser.parse_args()

@@ -161,11 +161,24 @@ def main(clients: int = 4, rounds: int = 3, strategy: str = "fedit", local_steps
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, int(config.federation.client_cpus)))
     env = dict(os.environ, OMP_NUM_THREADS=threads)
     actors = max(1, int((os.cpu_count() or 1) / config.federation.client_cpus))
-    print(f"  {threads} torch thread(s) per process (OMP_NUM_THREADS); Ray runs {actors} client actor(s) at once, the loop one client at a time")
+    print(
+        f"  {threads} torch thread(s) per process (OMP_NUM_THREADS); Ray runs {actors} client actor(s) at once, the loop one client at a time"
+    )
     figures: dict[str, dict[str, Any]] = {}
     for engine in ENGINES:
-        command = [sys.executable, "-m", "tests.benchmarks.bench_simulation", "--one", engine,
-                   "--clients", str(clients), "--rounds", str(rounds), "--strategy", strategy]
+        command = [
+            sys.executable,
+            "-m",
+            "tests.benchmarks.bench_simulation",
+            "--one",
+            engine,
+            "--clients",
+            str(clients),
+            "--rounds",
+            str(rounds),
+            "--strategy",
+            strategy,
+        ]
         if local_steps is not None:
             command += ["--local-steps", str(local_steps)]
         started = time.perf_counter()
@@ -174,7 +187,7 @@ def main(clients: int = 4, rounds: int = 3, strategy: str = "fedit", local_steps
         if out.returncode != 0:
             raise RuntimeError(f"{engine} run failed:\n{out.stderr[-3000:]}")
         result = [line for line in out.stdout.splitlines() if line.startswith(RESULT)][-1]
-        figures[engine] = json.loads(result[len(RESULT):]) | {"process_s": process_s}
+        figures[engine] = json.loads(result[len(RESULT) :]) | {"process_s": process_s}
     for engine, row in figures.items():
         print(
             f"  {engine:<6} startup {row['startup_s']:6.1f} s, round 1 {row['first_round_s']:5.2f} s, "

@@ -125,7 +125,9 @@ def main(full: bool = False, only: list[str] | None = None) -> int:
             traceback.print_exc()
             failed.append(name)
         print(f"   ({time.perf_counter() - section_started:.0f} s, load average {load()})", flush=True)
-    print(f"\n== summary: every figure above was measured in this run ({time.perf_counter() - started:.0f} s, load average now {load()})")
+    print(
+        f"\n== summary: every figure above was measured in this run ({time.perf_counter() - started:.0f} s, load average now {load()})"
+    )
     for name, figures in results.items():
         for line in summary_lines(name, figures):
             print(f"  {line}")
