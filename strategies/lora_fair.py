@@ -71,8 +71,9 @@ def lora_fair_correction(
     """
     p = _check_inputs(Bs, As, weights)
     _check_options(lam, method, refinements)
-    a_bar = _weighted_mean(As, p)
-    target = _FactoredTarget.build(Bs, As, p, a_bar)
+    clients = _ClientFactors.stack(Bs, As, p)
+    a_bar = clients.a_bar()
+    target = _FactoredTarget.build(clients, a_bar)
     if method == "lstsq":
         b_new = _RidgePath.build(target).ridge(lam)
     else:
@@ -98,8 +99,48 @@ def fair_objective(
             f"fair_objective: B_new {tuple(B_new.shape)} and A_bar {tuple(A_bar.shape)} must have the "
             f"clients' shapes {tuple(Bs[0].shape)} and {tuple(As[0].shape)}"
         )
-    target = _FactoredTarget.build(Bs, As, p, A_bar.to(_WORK_DTYPE))
+    target = _FactoredTarget.build(_ClientFactors.stack(Bs, As, p), A_bar.to(_WORK_DTYPE))
     return target.objective(B_new.to(_WORK_DTYPE), lam)
+
+
+@dataclass(frozen=True)
+class _ClientFactors:
+    """Every client's factors of one layer, converted to float64 once, side by side.
+
+    b_cat (d_out x Kr) holds [B_1, ..., B_K] and a_cat (Kr x d_in) holds [A_1; ...; A_K],
+    unweighted: the weights p_k are applied to the small products instead, so each large
+    factor is read a few times and copied once (the conversion), which is what a round of a
+    7B-sized adapter spends its time on.
+    """
+
+    b_cat: Tensor
+    a_cat: Tensor
+    p: Tensor  # (K,) float64
+    rank: int
+
+    @classmethod
+    def stack(cls, Bs: list[Tensor], As: list[Tensor], p: Tensor) -> _ClientFactors:
+        """Copy the (validated) factors into one float64 buffer per kind."""
+        (d_out, r), d_in, k = Bs[0].shape, As[0].shape[1], len(Bs)
+        b_cat = torch.empty(d_out, k, r, dtype=_WORK_DTYPE, device=Bs[0].device)
+        a_cat = torch.empty(k, r, d_in, dtype=_WORK_DTYPE, device=As[0].device)
+        for i, (b, a) in enumerate(zip(Bs, As)):
+            b_cat[:, i].copy_(b)
+            a_cat[i].copy_(a)
+        return cls(b_cat=b_cat.view(d_out, k * r), a_cat=a_cat.view(k * r, d_in), p=p.to(b_cat.device), rank=r)
+
+    def column_weights(self) -> Tensor:
+        """(Kr,): p_k repeated over client k's r columns of b_cat (rows of a_cat)."""
+        return self.p.repeat_interleave(self.rank)
+
+    def b_bar(self) -> Tensor:
+        """sum p_k B_k."""
+        d_out = self.b_cat.shape[0]
+        return self.b_cat.view(d_out, -1, self.rank).transpose(1, 2) @ self.p
+
+    def a_bar(self) -> Tensor:
+        """sum p_k A_k."""
+        return (self.p @ self.a_cat.view(self.p.shape[0], -1)).view(self.rank, -1)
 
 
 @dataclass(frozen=True)
@@ -112,15 +153,18 @@ class _FactoredTarget:
     dw_norm: Tensor  # ||dW||_F
 
     @classmethod
-    def build(cls, Bs: list[Tensor], As: list[Tensor], p: Tensor, a_ref: Tensor) -> _FactoredTarget:
-        """Precompute g, h and ||dW|| from the clients' factors; a_ref is float64."""
-        b_cat = torch.cat([w * b.to(_WORK_DTYPE) for w, b in zip(p.tolist(), Bs)], dim=1)  # d_out x Kr
-        a_cat = torch.cat([a.to(_WORK_DTYPE) for a in As], dim=0)  # Kr x d_in
+    def build(cls, clients: _ClientFactors, a_ref: Tensor) -> _FactoredTarget:
+        """Precompute g, h and ||dW|| from the clients' factors; a_ref is float64.
+
+        dW = B_cat diag(w) A_cat with w the column weights, so ||dW||^2 is the sum of the
+        elementwise product of the two Kr x Kr Grams scaled by w w^T, and G = B_cat (diag(w) A_cat A_ref^T).
+        """
+        b_cat, a_cat, w = clients.b_cat, clients.a_cat, clients.column_weights()
         a_ref = a_ref.to(b_cat.device)
-        dw_sq = torch.sum((b_cat.T @ b_cat) * (a_cat @ a_cat.T))
+        dw_sq = torch.sum((b_cat.T @ b_cat) * (a_cat @ a_cat.T) * torch.outer(w, w))
         return cls(
-            b_bar=_weighted_mean(Bs, p),
-            g=b_cat @ (a_cat @ a_ref.T),
+            b_bar=clients.b_bar(),
+            g=b_cat @ (w[:, None] * (a_cat @ a_ref.T)),
             h=a_ref @ a_ref.T,
             dw_norm=dw_sq.clamp(min=0).sqrt(),  # rounding can push a zero norm slightly negative
         )
@@ -335,14 +379,6 @@ def _path_values(path: _RidgePath, log_rho: Tensor, lam: float) -> Tensor:
     """The objective along the path at rho = exp(log_rho), on the CPU; NaN (0/0) counts as +inf."""
     values = path.objective(log_rho.exp().to(path.eigenvalues.device), lam)
     return torch.nan_to_num(values, nan=math.inf).cpu()
-
-
-def _weighted_mean(tensors: list[Tensor], p: Tensor) -> Tensor:
-    """sum_k p_k T_k in float64."""
-    total = torch.zeros(tensors[0].shape, dtype=_WORK_DTYPE, device=tensors[0].device)
-    for weight, tensor in zip(p.tolist(), tensors):
-        total.add_(tensor.to(_WORK_DTYPE), alpha=weight)
-    return total
 
 
 def _check_inputs(Bs: list[Tensor], As: list[Tensor], weights: Tensor | Sequence[float]) -> Tensor:
