@@ -658,38 +658,8 @@ def test_fedlora_deploy_prints_the_flower_command_and_a_missing_file_in_one_line
     )
     assert code == 0 and "flower-superlink" in output and "--enable-supernode-auth" in output
     key = str(tmp_path / "supernodes" / "supernode-0.key")
-    code, output = run_fedlora(
-        monkeypatch,
-        capsys,
-        "deploy",
-        "supernode",
-        "--superlink",
-        "server.lan:9092",
-        "--ca",
-        str(tmp_path / "ca.crt"),
-        "--key",
-        key,
-        "--partition-id",
-        "0",
-        "--num-partitions",
-        "3",
-        "--dry-run",
-    )
+    supernode = ["deploy", "supernode", "--superlink", "server.lan:9092", "--ca", str(tmp_path / "ca.crt"), "--key", key]
+    code, output = run_fedlora(monkeypatch, capsys, *supernode, "--partition-id", "0", "--num-partitions", "3", "--dry-run")
     assert code == 0 and "flower-supernode" in output and "partition-id=0 num-partitions=3" in output
-    code, output = run_fedlora(
-        monkeypatch,
-        capsys,
-        "deploy",
-        "supernode",
-        "--superlink",
-        "server.lan:9092",
-        "--ca",
-        str(tmp_path / "ca.crt"),
-        "--key",
-        key,
-        "--data-path",
-        str(tmp_path / "none.csv"),
-        "--client-id",
-        "0",
-    )
+    code, output = run_fedlora(monkeypatch, capsys, *supernode, "--data-path", str(tmp_path / "none.csv"), "--client-id", "0")
     assert code == 2 and "Traceback" not in output and "--data-path" in output
