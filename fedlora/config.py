@@ -2,7 +2,9 @@
 
 A config file has the sections below; every key is optional and has a default. Anything
 unknown, mistyped or impossible is refused with a `ConfigError` whose one-line message names
-the key and what is allowed (the CLI prints it and exits 2).
+the key and what is allowed (the CLI prints it and exits 2). A file may start from another with
+`extends = "other.toml"` (a path relative to the file): its keys then override the other's,
+section by section, so a scenario states only how it differs from its base.
 """
 
 from __future__ import annotations
@@ -169,8 +171,16 @@ class ExperimentConfig(_Section):
         return self.model_dump_json(indent=2)
 
 
+EXTENDS_KEY = "extends"
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a TOML experiment config and apply `section.key=value` overrides."""
+    return config_from_dict(read_config_file(path), overrides)
+
+
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a plain dict, with the files it `extends` merged underneath it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -178,7 +188,28 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
-    return config_from_dict(raw, overrides)
+    base = raw.pop(EXTENDS_KEY, None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: {EXTENDS_KEY} must be the path of another config file, got {base!r}")
+    chain = (*_chain, path.resolve())
+    base_path = (path.parent / base).resolve()
+    if base_path in chain:
+        cycle = " -> ".join(p.name for p in (*chain, base_path))
+        raise ConfigError(f"{path}: {EXTENDS_KEY} goes round in a circle ({cycle})")
+    return _merged(read_config_file(base_path, chain), raw)
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` on top: tables merge key by key, any other value replaces."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:

@@ -24,7 +24,6 @@ import itertools
 import json
 import re
 import time
-import tomllib
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedlora.config import ConfigError, ExperimentConfig, _parse_value, config_from_dict
+from fedlora.config import ConfigError, ExperimentConfig, _parse_value, config_from_dict, read_config_file
 from fedlora.results import CONFIG, SUMMARY, RoundRecord
 
 INDEX = "sweep.json"
@@ -83,12 +82,7 @@ class RunOutcome:
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     """Read a config with a `[sweep]` section and validate every variant; SweepError names the bad one."""
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"config file not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise SweepError(f"{path}: not valid TOML ({err})") from None
+    raw = read_config_file(path)
     axes = _read_axes(raw.pop("sweep", {}))
     base_overrides = []
     for item in overrides or []:
