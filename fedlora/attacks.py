@@ -127,7 +127,7 @@ def alie_z(num_clients: int, num_malicious: int) -> float:
 
 
 def alie(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, *, z: float | None = None) -> Tensor:
-    """ "A little is enough": every malicious client sends mean - z * std of the honest updates.
+    """ALIE ("A little is enough"): every malicious client sends mean - z * std of the honest updates.
 
     std is the per-coordinate sample standard deviation (Bessel-corrected). z defaults to
     `alie_z(n_honest + n_malicious, n_malicious)`.

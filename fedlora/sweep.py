@@ -184,7 +184,7 @@ def _toml_value(value: Any) -> str:
 
 
 def run_status(run_dir: Path) -> str:
-    """ "finished" when summary.json says so, "failed" when error.txt is there, else "pending"."""
+    """The run's status: "finished" when summary.json says so, "failed" when error.txt is there, else "pending"."""
     try:
         if json.loads((run_dir / SUMMARY).read_text()).get("status") == "finished":
             return "finished"

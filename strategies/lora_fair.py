@@ -6,10 +6,10 @@ B̄ = sum p_k B_k minimizing
 
     D(dW, (B̄ + dB) Ā) + lam ||dB||_F,    D = 1 - cosine similarity of the flattened matrices,
 
-then broadcasts (B̄ + dB, Ā). No d_out x d_in matrix is ever formed: with B_cat = [p_1 B_1, ...,
-p_K B_K] (d_out x Kr) and A_cat = [A_1; ...; A_K] (Kr x d_in), <dW, B' Ā> = <B', G> with
-G = B_cat (A_cat Ā^T), ||B' Ā||^2 = <B' H, B'> with H = Ā Ā^T, and ||dW||^2 = <B_cat^T B_cat,
-A_cat A_cat^T>. Setup costs O((d_out + d_in) (K r)^2); the solve then needs one r x r
+then broadcasts (B̄ + dB, Ā). No d_out x d_in matrix is ever formed: with B_cat = [B_1, ..., B_K]
+(d_out x Kr), A_cat = [A_1; ...; A_K] (Kr x d_in) and W = diag(p_1 I_r, ..., p_K I_r), dW =
+B_cat W A_cat, so <dW, B' Ā> = <B', G> with G = B_cat (W A_cat Ā^T), ||B' Ā||^2 = <B' H, B'>
+with H = Ā Ā^T, and ||dW||^2 = <W B_cat^T B_cat W, A_cat A_cat^T>. Setup costs O((d_out + d_in) (K r)^2); the solve then needs one r x r
 eigendecomposition, O(d_out r^2) work and a 1-D search at O(r) per point (_cosine_solution).
 `method="lstsq"` instead solves min ||dW - B' Ā||_F^2 + lam ||B' - B̄||_F^2 in closed form.
 """
@@ -154,11 +154,7 @@ class _FactoredTarget:
 
     @classmethod
     def build(cls, clients: _ClientFactors, a_ref: Tensor) -> _FactoredTarget:
-        """Precompute g, h and ||dW|| from the clients' factors; a_ref is float64.
-
-        dW = B_cat diag(w) A_cat with w the column weights, so ||dW||^2 is the sum of the
-        elementwise product of the two Kr x Kr Grams scaled by w w^T, and G = B_cat (diag(w) A_cat A_ref^T).
-        """
+        """Precompute g, h and ||dW|| from the clients' factors (the identities in the module docstring, W = diag(w)); a_ref is float64."""
         b_cat, a_cat, w = clients.b_cat, clients.a_cat, clients.column_weights()
         a_ref = a_ref.to(b_cat.device)
         dw_sq = torch.sum((b_cat.T @ b_cat) * (a_cat @ a_cat.T) * torch.outer(w, w))

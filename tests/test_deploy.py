@@ -238,54 +238,25 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         )
         assert registered.returncode == 0, registered.stdout + registered.stderr
 
+        def supernode(name: str, key: Path, home: str, *where: str) -> subprocess.Popen:
+            """Start `fedlora deploy supernode` against this SuperLink with `key`, on a free port."""
+            command = fedlora(
+                "deploy", "supernode", "--superlink", address, "--ca", str(certs / "ca.crt"),
+                "--key", str(key), "--port", str(free_port()), *where,
+            )  # fmt: skip
+            return processes.start(name, command, node_env(base_env, root / home), root)
+
         for i in range(NUM_NODES):
             where = (
                 ["--data-path", str(own_data), "--client-id", "0", "--device", "cpu"]
                 if i == 0
                 else ["--partition-id", str(i), "--num-partitions", str(NUM_NODES)]
             )
-            processes.start(
-                f"supernode-{i}",
-                fedlora(
-                    "deploy",
-                    "supernode",
-                    "--superlink",
-                    address,
-                    "--ca",
-                    str(certs / "ca.crt"),
-                    "--key",
-                    str(keys[i].private),
-                    "--port",
-                    str(free_port()),
-                    *where,
-                ),
-                node_env(base_env, root / f"home-node{i}"),
-                root,
-            )
-        rogue = processes.start(
-            "supernode-unregistered",
-            fedlora(
-                "deploy",
-                "supernode",
-                "--superlink",
-                address,
-                "--ca",
-                str(certs / "ca.crt"),
-                "--key",
-                str(keys[NUM_NODES].private),
-                "--port",
-                str(free_port()),
-                "--partition-id",
-                "0",
-                "--num-partitions",
-                str(NUM_NODES),
-                "--",
-                "--max-retries",
-                "3",
-            ),
-            node_env(base_env, root / "home-rogue"),
-            root,
-        )
+            supernode(f"supernode-{i}", keys[i].private, f"home-node{i}", *where)
+        rogue = supernode(
+            "supernode-unregistered", keys[NUM_NODES].private, "home-rogue",
+            "--partition-id", "0", "--num-partitions", str(NUM_NODES), "--", "--max-retries", "3",
+        )  # fmt: skip
         wait_for(
             lambda: rogue.poll() is not None,
             STARTUP_TIMEOUT,
