@@ -75,8 +75,13 @@ def simulate(
         f"\n[bold]final accuracy {summary['final_accuracy']:.4f}[/bold] "
         f"(round 0: {summary['initial_accuracy']:.4f}) in {summary['wall_seconds']:.0f} s"
     )
-    console.print(f"run directory: {run_dir}")
+    files = write_report([run_dir], run_dir / RUN_REPORT_DIR, f"fedlora simulate: {run_dir.name}")
+    console.print(f"run directory: {run_dir} (history.jsonl, summary.json)")
     console.print(f"adapter (peft format): {summary['adapter']}")
+    console.print(f"report: {files.html}")
+
+
+RUN_REPORT_DIR = "report"  # inside the run directory: the one-run report `fedlora simulate` writes
 
 
 def run_with_progress(config: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict:

@@ -71,6 +71,8 @@ def test_killed_server_resumes_to_the_same_history(tmp_path: Path) -> None:
         [sys.executable, "-m", "fedlora.cli", "simulate", "--resume", str(run_dir)], cwd=ROOT, capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    report = run_dir / "report" / "report.html"
+    assert report.is_file() and str(report) in resumed.stdout.replace("\n", "")  # the CLI says where its report is
     assert (run_dir / CHECKPOINT).exists()
     assert without_timings(read_history(run_dir)) == without_timings(read_history(reference))
     ours, theirs = read_summary(run_dir), read_summary(reference)
