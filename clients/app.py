@@ -3,10 +3,13 @@
 Handlers:
 - query: tells the server which client this node is (its partition) and how much data it holds;
 - train: loads the broadcast LoraState, trains what the message's config names (under DP-SGD
-  when it carries dp-* settings), replies with the trained factors only, plus metrics
-  (num-examples, train-loss, seconds, cumulative epsilon) and the digest of the A it used; a
-  client whose privacy budget cannot afford the round replies `refused` instead;
-- evaluate: accuracy and loss of the broadcast state on the client's own examples.
+  at the noise multiplier and sample rate the server instructs when it carries dp-* settings),
+  replies with the trained factors only, plus metrics (num-examples, train-loss, seconds,
+  cumulative epsilon), its privacy ledger and the digest of the A it used; a client whose
+  budget cannot afford the round, or whose data does not match the instructed sample rate,
+  replies `refused` instead;
+- evaluate: accuracy and loss of the broadcast state on the client's own examples (a causal
+  LM's: exact match of greedy generations, token loss and perplexity; fedlora/task.py).
 
 In simulation the experiment config comes from `build_client_app(config)`; deployed with
 `flwr run`, the module-level `app` reads it from the run config (see pyproject.toml). A deployed
@@ -21,19 +24,22 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.trainer import TrainPlan, poisson_sample_rate, train_local, train_local_private
+from clients.trainer import TrainPlan, train_local, train_local_private
 from fedlora import workspace
 from fedlora.attacks import flip_labels
 from fedlora.config import ExperimentConfig, experiment_from_run_config
 from fedlora.lora import LoraState
-from fedlora.model import evaluate, seeded
+from fedlora.model import seeded
 from fedlora.node import node_experiment
-from fedlora.privacy import DPSettings, PrivacyLedger
+from fedlora.privacy import DPInstruction, DPSettings, PrivacyLedger, sample_rate
 from fedlora.seeds import derive_seed
+from fedlora.task import evaluate
+from fedlora.threads import client_cpus, use_threads
 
 ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, INFO_KEY = "arrays", "config", "metrics", "info"
-# The client's DP accountant history: kept in context.state, reported in every reply, and
-# restored from the train message when context.state lost it (a resumed run, a restarted node).
+# The client's DP accountant history: kept in context.state, reported in every reply; the
+# server sends its own copy along, which wins when it holds more steps (a resumed run, a
+# restarted node that lost its state).
 LEDGER_KEY = "privacy-ledger"
 APP_DIR = Path(__file__).resolve().parent.parent
 
@@ -69,7 +75,8 @@ def handle_train(message: Message, context: Context, experiment: ExperimentConfi
     examples = workspace.client_examples(experiment, client_id)
     if config.get("poison-labels", False):  # a simulated malicious client (label flipping)
         examples = replace(examples, labels=flip_labels(examples.labels, int(config["num-labels"])))
-    model = workspace.lora_model(experiment, int(config["num-labels"]))
+    # The adapter at this client's own rank (model.client_ranks); the server sends factors of that rank.
+    model = workspace.lora_model(experiment, int(config["num-labels"]), experiment.model.rank_of(client_id))
     broadcast = LoraState.from_array_record(message.content[ARRAYS_KEY])
     broadcast.load_into(model)
     plan = TrainPlan(
@@ -79,6 +86,9 @@ def handle_train(message: Message, context: Context, experiment: ExperimentConfi
         lr=float(config["lr"]),
         batch_size=int(config["batch-size"]),
         seed=derive_seed(experiment.seed, client_id, server_round),
+        optimizer=str(config.get("optimizer", "adamw")),
+        momentum=float(config.get("momentum", 0.0)),
+        weight_decay=float(config.get("weight-decay", 0.0)),
     )
     metrics: dict[str, float] = {"num-examples": len(examples)}
     info = ConfigRecord({"a-digest": broadcast.digest("A"), "client-id": client_id})
@@ -88,28 +98,47 @@ def handle_train(message: Message, context: Context, experiment: ExperimentConfi
         if settings is None:
             result = train_local(model, examples, plan)
         else:
-            ledger = restore_ledger(context, message, settings, len(examples), plan.batch_size)
+            instruction = DPInstruction.from_config(config)
+            ledger = restore_ledger(context, message, settings, instruction)
             metrics.update(privacy_metrics(ledger, settings))
-            if not ledger.can_afford(settings, plan.local_steps):
-                return refusal(message, metrics, info, ledger, settings, plan.local_steps)
+            problem = instruction_problem(instruction, settings, ledger, len(examples), plan)
+            if problem:
+                return refusal(message, metrics, info, ledger, problem)
             result = train_local_private(model, examples, plan, settings, ledger)
             context.state[LEDGER_KEY] = extra_records[LEDGER_KEY] = ledger.to_record()
             metrics.update(privacy_metrics(ledger, settings))
     metrics.update({"train-loss": result.loss, "train-steps": result.steps, "train-seconds": result.seconds})
+    workspace.release_device_memory(model)
     arrays = result.state.select(plan.trains, plan.train_head).to_array_record()
     content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics), INFO_KEY: info, **extra_records})
     return Message(content, reply_to=message)
 
 
-def restore_ledger(context: Context, message: Message, settings: DPSettings, num_examples: int, batch_size: int) -> PrivacyLedger:
-    """This client's ledger from earlier rounds (its own, else the server's copy), or a new one
-    calibrated for the planned steps."""
-    record = context.state.config_records.get(LEDGER_KEY) or message.content.config_records.get(LEDGER_KEY)
-    ledger = PrivacyLedger.from_record(record) if record is not None else PrivacyLedger(accountant=settings.accountant)
-    if not ledger.calibrated:
-        ledger.calibrate(settings, poisson_sample_rate(num_examples, batch_size))
-        context.state[LEDGER_KEY] = ledger.to_record()
+def restore_ledger(context: Context, message: Message, settings: DPSettings, instruction: DPInstruction) -> PrivacyLedger:
+    """This client's ledger from earlier rounds (its own, or the server's copy when that holds
+    more steps), at the instructed noise and sample rate."""
+    candidates = [PrivacyLedger(accountant=settings.accountant)]
+    for record in (context.state.config_records.get(LEDGER_KEY), message.content.config_records.get(LEDGER_KEY)):
+        if record is not None:
+            candidates.append(PrivacyLedger.from_record(record))
+    ledger = max(candidates, key=lambda candidate: candidate.steps)  # the first of equals: its own
+    ledger.noise_multiplier, ledger.sample_rate = instruction.noise_multiplier, instruction.sample_rate
     return ledger
+
+
+def instruction_problem(
+    instruction: DPInstruction, settings: DPSettings, ledger: PrivacyLedger, num_examples: int, plan: TrainPlan
+) -> str | None:
+    """Why this client will not follow the server's DP instruction, or None."""
+    own_rate = sample_rate(num_examples, plan.batch_size)
+    if abs(instruction.sample_rate - own_rate) > 1e-12:
+        return f"instructed sample rate {instruction.sample_rate:.6g}, but {num_examples} examples in batches of {plan.batch_size} give {own_rate:.6g}"
+    if instruction.steps != plan.local_steps:
+        return f"instructed {instruction.steps} DP steps but {plan.local_steps} local steps"
+    if not ledger.can_afford(settings.epsilon, settings.delta, instruction.steps):
+        after = ledger.epsilon(settings.delta, instruction.steps)
+        return f"privacy budget: epsilon would reach {after:.3f} > {settings.epsilon:g}"
+    return None
 
 
 def privacy_metrics(ledger: PrivacyLedger, settings: DPSettings) -> dict[str, float]:
@@ -123,12 +152,9 @@ def privacy_metrics(ledger: PrivacyLedger, settings: DPSettings) -> dict[str, fl
     }
 
 
-def refusal(
-    message: Message, metrics: dict[str, float], info: ConfigRecord, ledger: PrivacyLedger, settings: DPSettings, steps: int
-) -> Message:
-    """Reply that this client will not train: another round would exceed its budget."""
-    after = ledger.epsilon(settings.delta, steps)
-    info["refused-reason"] = f"privacy budget: epsilon would reach {after:.3f} > {settings.epsilon:g}"
+def refusal(message: Message, metrics: dict[str, float], info: ConfigRecord, ledger: PrivacyLedger, reason: str) -> Message:
+    """Reply that this client will not train this round, and why."""
+    info["refused-reason"] = reason
     metrics["refused"] = 1.0
     content = RecordDict({METRICS_KEY: MetricRecord(metrics), INFO_KEY: info, LEDGER_KEY: ledger.to_record()})
     return Message(content, reply_to=message)
@@ -143,9 +169,12 @@ def handle_evaluate(message: Message, context: Context, experiment: ExperimentCo
         examples = replace(examples, labels=flip_labels(examples.labels, int(config["num-labels"])))
     model = workspace.lora_model(experiment, int(config["num-labels"]))
     LoraState.from_array_record(message.content[ARRAYS_KEY]).load_into(model)
-    accuracy, loss = evaluate(model, examples)
-    metrics = MetricRecord({"num-examples": len(examples), "accuracy": accuracy, "loss": loss})
-    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=message)
+    scores = evaluate(experiment, model, examples, workspace.tokenizer(experiment))
+    workspace.release_device_memory(model)
+    figures = {"num-examples": len(examples), "accuracy": scores.accuracy, "loss": scores.loss}
+    if scores.perplexity is not None:
+        figures["perplexity"] = scores.perplexity
+    return Message(RecordDict({METRICS_KEY: MetricRecord(figures)}), reply_to=message)
 
 
 def build_client_app(experiment: ExperimentConfig | None = None) -> ClientApp:
@@ -154,6 +183,7 @@ def build_client_app(experiment: ExperimentConfig | None = None) -> ClientApp:
 
     def resolve(context: Context) -> ExperimentConfig:
         shared = experiment or experiment_from_run_config(dict(context.run_config), APP_DIR)
+        use_threads(client_cpus())  # an actor beside others: the cores Ray gave it, no more
         return node_experiment(shared, context.node_config)  # a deployed node's data-path, device
 
     @app.query()

@@ -1,18 +1,26 @@
-"""Local training of the factors the server asks for (A and B, or B only), plus the head."""
+"""Local training of the factors the server asks for (A and B, or B only), plus the head.
+
+Both task kinds train the same way: the model's own loss without DP (for a causal LM, the
+token-mean cross-entropy on the response tokens that the labels mark), and under DP-SGD a loss
+per example: cross-entropy of its class, or, for a causal LM, the mean cross-entropy over its own
+response tokens (one sequence is one example: DP's unit of privacy), so that no example's
+clipped gradient depends on another's tokens.
+"""
 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from fedlora.causal import sequence_losses, shifted
 from fedlora.data.encode import EncodedExamples
+from fedlora.data.instruct import CausalExamples
 from fedlora.lora import LoraState, locate_parameter
-from fedlora.privacy import DPSettings, PrivacyLedger, make_private, zero_step_on_empty_batch
+from fedlora.privacy import DPSettings, PrivacyLedger, PrivateTraining, make_private, zero_step_on_empty_batch
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,9 @@ class TrainPlan:
     lr: float
     batch_size: int
     seed: int
+    optimizer: str = "adamw"  # or "sgd"
+    momentum: float = 0.0  # sgd only
+    weight_decay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,15 @@ def set_trainable(model: nn.Module, trains: str, train_head: bool) -> list[nn.Pa
     return trainable
 
 
+def make_optimizer(params: list[nn.Parameter], plan: TrainPlan) -> torch.optim.Optimizer:
+    """The round's fresh optimizer, as the server's train message names it."""
+    if plan.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
+    if plan.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay)
+    raise ValueError(f"unknown optimizer {plan.optimizer!r} (adamw or sgd)")
+
+
 def batch_indices(num_examples: int, batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
     """`steps` mini-batches drawn by walking seeded random permutations (epochs) of the data."""
     batches: list[torch.Tensor] = []
@@ -66,11 +86,11 @@ def batch_indices(num_examples: int, batch_size: int, steps: int, generator: tor
     return batches
 
 
-def train_local(model: nn.Module, data: EncodedExamples, plan: TrainPlan) -> TrainResult:
+def train_local(model: nn.Module, data: EncodedExamples | CausalExamples, plan: TrainPlan) -> TrainResult:
     """Train for `plan.local_steps` steps with a fresh optimizer (no state carried across rounds)."""
     started = time.perf_counter()
     params = set_trainable(model, plan.trains, plan.train_head)
-    optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.0)
+    optimizer = make_optimizer(params, plan)
     device = params[0].device
     generator = torch.Generator().manual_seed(plan.seed)
     model.train()
@@ -86,25 +106,20 @@ def train_local(model: nn.Module, data: EncodedExamples, plan: TrainPlan) -> Tra
     return TrainResult(sum(losses) / len(losses), len(losses), time.perf_counter() - started, state)
 
 
-def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
-    """The sample rate Opacus' Poisson loader uses for this data and batch size."""
-    return 1.0 / math.ceil(num_examples / batch_size)
-
-
 def train_local_private(
-    model: nn.Module, data: EncodedExamples, plan: TrainPlan, settings: DPSettings, ledger: PrivacyLedger
+    model: nn.Module, data: EncodedExamples | CausalExamples, plan: TrainPlan, settings: DPSettings, ledger: PrivacyLedger
 ) -> TrainResult:
-    """DP-SGD for `plan.local_steps` Poisson-sampled steps; the ledger gains this round's steps.
+    """DP-SGD for `plan.local_steps` Poisson-sampled steps at the ledger's noise; the ledger gains them.
 
     Trains a copy of the model: Opacus hooks its modules in place, and the caller's model is
     shared across rounds and clients in a simulation process.
     """
     started = time.perf_counter()
     model = copy.deepcopy(model)
-    if not ledger.calibrated:
-        raise ValueError("calibrate the privacy ledger's noise before training")
+    if ledger.noise_multiplier <= 0:
+        raise ValueError("the privacy ledger has no noise multiplier: the server's instruction sets it")
     params = set_trainable(model, plan.trains, plan.train_head)  # freeze before make_private
-    optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.0)
+    optimizer = make_optimizer(params, plan)
     generator = torch.Generator().manual_seed(plan.seed)
     training = make_private(model, optimizer, data, plan.batch_size, settings, ledger, generator)
     device = params[0].device
@@ -121,8 +136,7 @@ def train_local_private(
                 continue
             width = int(mask.sum(dim=1).max())
             logits = training.module(input_ids=input_ids[:, :width].to(device), attention_mask=mask[:, :width].to(device)).logits
-            criterion = training.criterion or nn.functional.cross_entropy
-            loss = criterion(logits, labels.to(device))
+            loss = private_loss(training, logits, labels[:, :width] if labels.dim() == 2 else labels, device)
             training.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             training.optimizer.step()
@@ -132,3 +146,19 @@ def train_local_private(
     state = LoraState.from_model(training.module)
     mean_loss = sum(losses) / len(losses) if losses else float("nan")
     return TrainResult(mean_loss, steps, time.perf_counter() - started, state)
+
+
+def private_loss(training: PrivateTraining, logits: torch.Tensor, labels: torch.Tensor, device: torch.device):
+    """The batch loss DP-SGD differentiates: the mean over examples of each example's own loss.
+
+    Labels of shape [B] are classes; [B, T] are a causal LM's token labels (see the module
+    docstring). Ghost clipping gets the per-example losses through Opacus' wrapped criterion,
+    which reduces a [B, T] token loss to per-sequence means over the positions not ignored.
+    """
+    labels = labels.to(device)
+    if labels.dim() == 1:
+        return (training.criterion or nn.functional.cross_entropy)(logits, labels)
+    if training.criterion is None:
+        return sequence_losses(logits, labels).mean()
+    predicted, targets = shifted(logits, labels)
+    return training.criterion(predicted.reshape(-1, predicted.shape[-1]), targets.reshape(-1), shape=predicted.shape)

@@ -13,18 +13,27 @@ A model-poisoning attack is a pure function
 
 Attacks (`MODEL_ATTACKS`, by name):
 - `sign_flip`: -scale * own.
-- `scaling`: factor * own (boosting, as in model-replacement attacks).
+- `scaling`: factor * own (boosting). `factor = "round_size"` scales by the round's number of
+  clients n, the model-replacement boost of Bagdasaryan et al. 2020 (gamma = n / eta with a
+  server learning rate of 1; Bhagoji et al. 2019 boost likewise by n / m). The zPROBE paper's
+  own factor could not be read from the sources at hand (they hold its abstract only); the
+  default stays 10.
 - `gaussian_noise`: own + N(0, sigma^2) per coordinate (sigma absolute, in update units).
 - `alie` ("a little is enough", Baruch et al. 2019): mean - z * std of the honest updates, per
   coordinate; by default z = Phi^-1((n - s) / n) with s = floor(n / 2 + 1) - m, n = all clients,
   m = malicious ones: the largest shift for which the attackers still look like the majority.
 - `ipm` (inner-product manipulation, Xie et al. 2019): -eps * mean of the honest updates.
 - `min_max` (Shejwalkar & Houmansadr 2021): mean + gamma * p with p = -std (or -mean/||mean||,
-  or -sign(mean)) and gamma the largest value, found by bisection, such that the malicious
+  -sign(mean), -mean) and gamma the largest value, found by bisection, such that the malicious
   update is no farther from any honest update than the two farthest honest updates are apart.
+- `adaptive`: mean + gamma * p like min-max, but gamma is the largest for which the round's
+  defence still keeps every malicious client (an adversary that knows the decision rule and
+  stays just inside it; see `adaptive`). p = -mean by default (gamma = 2 sends the sign-flipped
+  mean), or -std (ALIE's direction), -mean / ||mean||, -sign(mean). Besides the three inputs it
+  takes a fourth, `accepts` (the defence's verdict on a candidate), which `Adversary` supplies.
 
-All malicious clients of `alie`, `ipm` and `min_max` send the same vector (the attacks are
-coordinated). `apply_model_attack` looks an attack up by name and checks its parameters.
+All malicious clients of `alie`, `ipm`, `min_max` and `adaptive` send the same vector (the
+attacks are coordinated). `apply_model_attack` looks an attack up by name and checks its parameters.
 
 Label flipping is data poisoning and happens before training: `flip_labels` maps y to
 num_classes - 1 - y. Which clients are malicious is fixed for the whole run by
@@ -32,7 +41,8 @@ num_classes - 1 - y. Which clients are malicious is fixed for the whole run by
 
 `Adversary` is the simulated adversary of one run: it knows who is malicious, tells those
 clients to flip their labels (data poisoning) or rewrites their updates (model poisoning)
-before the server's defence sees them. Only the run's records read who was malicious.
+before the server's defence sees them; for `adaptive` the server hands it the round's defence
+and weights (`rewrite`). Only the run's records read who was malicious.
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ import math
 import random
 from collections.abc import Callable, Mapping
 from statistics import NormalDist
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -86,9 +96,17 @@ def sign_flip(honest: Tensor, own: Tensor, generator: torch.Generator | None = N
     return -scale * own
 
 
-def scaling(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, *, factor: float = 10.0) -> Tensor:
-    """Each malicious client sends its own update multiplied by `factor`."""
+# `scaling` with this factor boosts by the round's number of clients (model replacement).
+MODEL_REPLACEMENT = "round_size"
+
+
+def scaling(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, *, factor: float | str = 10.0) -> Tensor:
+    """Each malicious client sends its own update multiplied by `factor` ("round_size": by n, all clients of the round)."""
     _check_inputs("scaling", honest, own)
+    if isinstance(factor, str):
+        if factor != MODEL_REPLACEMENT:
+            raise ValueError(f"scaling: factor must be a number or {MODEL_REPLACEMENT!r}, got {factor!r}")
+        factor = float(honest.shape[0] + own.shape[0])
     _check_finite("scaling", factor=factor)
     if factor == 0:
         raise ValueError("scaling: factor must be nonzero (0 would send an empty update)")
@@ -149,20 +167,57 @@ def ipm(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, *
     return _coordinated(-eps * honest.mean(dim=0), own)
 
 
-MIN_MAX_PERTURBATIONS = ("std", "unit", "sign")
+MIN_MAX_PERTURBATIONS = ("std", "unit", "sign", "mean")
 
 
 def min_max_perturbation(honest: Tensor, kind: str) -> Tensor:
-    """The direction min-max moves along: -std, -mean/||mean|| ("unit") or -sign(mean)."""
+    """The direction min-max moves along: -std, -mean/||mean|| ("unit"), -sign(mean) or -mean."""
     mean = honest.mean(dim=0)
     if kind == "std":
         return -honest.std(dim=0)
+    if kind == "mean":
+        return -mean
     if kind == "unit":
         norm = torch.linalg.vector_norm(mean)
         return -mean / norm if norm > 0 else torch.zeros_like(mean)
     if kind == "sign":
         return -torch.sign(mean)
     raise ValueError(f"min_max: unknown perturbation {kind!r} (known: {', '.join(MIN_MAX_PERTURBATIONS)})")
+
+
+def largest_gamma(feasible: Callable[[float], bool], gamma_init: float, tol: float, gamma_max: float) -> float | None:
+    """The edge of the feasible gammas >= 0: doubling from gamma_init while feasible, then bisection.
+
+    Assumes the feasible gammas form an interval [0, gamma*] (gamma = 0 itself need not be
+    feasible: then 0 comes back). The bracket is narrowed until narrower than `tol` (relative
+    to gamma*, absolute below 1); the feasible end comes back, so the bound holds there. None
+    when gamma_max is still feasible: the constraint never binds along this direction.
+    """
+    low, high = 0.0, gamma_init
+    while feasible(high):
+        low, high = high, 2.0 * high
+        if high > gamma_max:
+            return None
+    while high - low > tol * max(1.0, low):
+        middle = 0.5 * (low + high)
+        if feasible(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def _check_search(name: str, gamma_init: float, tol: float) -> None:
+    _check_finite(name, gamma_init=gamma_init, tol=tol)
+    if gamma_init <= 0 or tol <= 0:
+        raise ValueError(f"{name}: gamma_init and tol must be > 0, got {gamma_init} and {tol}")
+
+
+def within_honest_spread(honest: Tensor) -> Callable[[Tensor], bool]:
+    """Min-max's bound: is a vector no farther from any honest update than the two farthest honest updates are apart?"""
+    work = honest.to(torch.float64)
+    bound = torch.cdist(work, work).max()
+    return lambda vector: bool(torch.cdist(vector.to(torch.float64)[None], work).max() <= bound)
 
 
 def min_max(
@@ -178,36 +233,92 @@ def min_max(
 
     gamma = 0 (the mean) always satisfies the bound (the mean lies in the honest updates'
     convex hull), and the farthest distance is convex in gamma, so the feasible gammas >= 0 form
-    an interval [0, gamma*]. The search doubles gamma from `gamma_init` until it is infeasible,
-    then bisects until the bracket is narrower than `tol` (relative to gamma*, absolute below
-    1); the returned gamma is the feasible end of the bracket, so the bound always holds.
+    an interval [0, gamma*], found by `largest_gamma`; the bound always holds at the result.
     """
     _check_inputs("min_max", honest, own, min_honest=2)
-    _check_finite("min_max", gamma_init=gamma_init, tol=tol)
-    if gamma_init <= 0 or tol <= 0:
-        raise ValueError(f"min_max: gamma_init and tol must be > 0, got {gamma_init} and {tol}")
+    _check_search("min_max", gamma_init, tol)
     work = honest.to(torch.float64)
     mean = work.mean(dim=0)
     direction = min_max_perturbation(work, perturbation)
-    bound = torch.cdist(work, work).max()
-
-    def feasible(gamma: float) -> bool:
-        return bool(torch.cdist((mean + gamma * direction)[None], work).max() <= bound)
-
     if not torch.any(direction):
         return _coordinated(mean, own)
-    low, high = 0.0, gamma_init
-    while feasible(high):
-        low, high = high, 2.0 * high
-        if high > 1e30:  # the direction never leaves the ball: an unbounded attack
-            raise ValueError("min_max: the perturbation never violates the distance bound; honest updates are degenerate")
-    while high - low > tol * max(1.0, low):
-        middle = 0.5 * (low + high)
-        if feasible(middle):
-            low = middle
-        else:
-            high = middle
-    return _coordinated(mean + low * direction, own)
+    inside = within_honest_spread(work)
+    gamma = largest_gamma(lambda g: inside(mean + g * direction), gamma_init, tol, 1e30)
+    if gamma is None:  # the direction never leaves the ball: an unbounded attack
+        raise ValueError("min_max: the perturbation never violates the distance bound; honest updates are degenerate")
+    return _coordinated(mean + gamma * direction, own)
+
+
+# The adaptive attack's test: does the round's defence keep every malicious client sending this vector?
+Accepts = Callable[[Tensor], bool]
+
+
+def adaptive(
+    honest: Tensor,
+    own: Tensor,
+    generator: torch.Generator | None = None,
+    accepts: Accepts | None = None,
+    *,
+    perturbation: str = "mean",
+    gamma_init: float = 1.0,
+    tol: float = 1e-3,
+    gamma_max: float = 1e6,
+) -> Tensor:
+    """An adversary that knows the defence's rule: mean + gamma * p with the largest gamma the defence still lets through.
+
+    `accepts(vector)` says whether the defence in use keeps every malicious client when all of
+    them send `vector` (`Adversary` builds it from the round's defence, see
+    `defence_accepts`); gamma is the edge `largest_gamma` finds, doubling from gamma_init and
+    bisecting to `tol`. That assumes the accepted gammas form an interval from 0; for zprobe
+    they need not (its spread grows with the attack, see strategies/zprobe.py), and the search
+    then stops at one edge of them. A randomized defence (zprobe draws clusters and
+    coordinates) is simulated with the adversary's own seed, so at the real round the
+    malicious clients may still be caught. Without `accepts` (no defence, or one that drops no
+    client: median, trimmed mean, whose output every update enters), gamma obeys min-max's
+    defence-agnostic bound instead (Shejwalkar and Houmansadr 2021): no farther from any honest
+    update than the honest updates are from each other. When gamma_max is still accepted the
+    rule never binds along p, and gamma_max is sent. p: see `min_max_perturbation`.
+    """
+    _check_inputs("adaptive", honest, own, min_honest=2)
+    _check_search("adaptive", gamma_init, tol)
+    _check_finite("adaptive", gamma_max=gamma_max)
+    work = honest.to(torch.float64)
+    mean = work.mean(dim=0)
+    direction = min_max_perturbation(work, perturbation)
+    if not torch.any(direction):
+        return _coordinated(mean, own)
+    test = accepts if accepts is not None else within_honest_spread(work)
+    gamma = largest_gamma(lambda g: test((mean + g * direction).to(own.dtype)), gamma_init, tol, gamma_max)
+    return _coordinated(mean + (gamma_max if gamma is None else gamma) * direction, own)
+
+
+class Screens(Protocol):
+    """What the adaptive attack needs of a defence (strategies.robust.Defence has it)."""
+
+    drops_clients: bool
+
+    def screen(self, updates: Tensor, weights: Tensor, seed: int) -> Any:
+        """A verdict with `kept`, the indices of the updates it keeps."""
+
+
+def defence_accepts(defence: Screens, updates: Tensor, malicious_rows: list[int], weights: Tensor, seed: int) -> Accepts:
+    """accepts(vector): with every malicious row set to `vector`, does `defence` keep as many of them as it can?
+
+    "As many as it can": all of them, or, for a rule keeping fewer clients than there are
+    attackers (Krum keeps one), only malicious ones. A defence that refuses the round outright
+    (a ValueError, e.g. a value too large for zprobe's fixed-point ring) does not accept.
+    """
+
+    def accepts(vector: Tensor) -> bool:
+        trial = updates.clone()
+        trial[malicious_rows] = vector.to(trial.dtype)
+        try:
+            kept = set(defence.screen(trial, weights, seed).kept)
+        except ValueError:
+            return False
+        return bool(kept) and len(kept & set(malicious_rows)) == min(len(malicious_rows), len(kept))
+
+    return accepts
 
 
 MODEL_ATTACKS: dict[str, ModelAttack] = {
@@ -217,6 +328,7 @@ MODEL_ATTACKS: dict[str, ModelAttack] = {
     "alie": alie,
     "ipm": ipm,
     "min_max": min_max,
+    "adaptive": adaptive,
 }
 
 
@@ -302,7 +414,7 @@ def check_attack(name: str, options: Mapping[str, Any]) -> None:
 
 
 # Model attacks that need this many honest updates of the round to compute theirs.
-_MIN_HONEST = {"alie": 2, "ipm": 1, "min_max": 2}
+_MIN_HONEST = {"alie": 2, "ipm": 1, "min_max": 2, "adaptive": 2}
 
 
 class Adversary:
@@ -328,12 +440,21 @@ class Adversary:
         """Whether the malicious clients train on flipped labels."""
         return self.name in DATA_ATTACKS and bool(self.malicious)
 
-    def rewrite(self, updates: Mapping[int, Tensor], server_round: int) -> dict[int, Tensor]:
+    def rewrite(
+        self,
+        updates: Mapping[int, Tensor],
+        server_round: int,
+        defence: Screens | None = None,
+        weights: Mapping[int, float] | None = None,
+    ) -> dict[int, Tensor]:
         """The replacement updates of this round's malicious clients (client id -> flattened update).
 
         `updates` holds every valid update of the round; the adversary sees the honest ones.
-        Empty when the attack is not a model attack, no malicious client replied, or the round
-        has too few honest updates for the attack to be computed (they then send what they trained).
+        `defence` and `weights` (client id -> weight, normalised here; uniform when None) are
+        the round's, for `adaptive`, which simulates the defence on the updates in client order
+        with its own seed. Empty when the attack is not a model attack, no malicious client
+        replied, or the round has too few honest updates for the attack to be computed (they
+        then send what they trained).
         """
         bad = sorted(c for c in updates if c in self.malicious)
         honest = [updates[c] for c in sorted(updates) if c not in self.malicious]
@@ -341,5 +462,27 @@ class Adversary:
             return {}
         own = torch.stack([updates[c] for c in bad])
         honest_matrix = torch.stack(honest) if honest else own[:0]
-        poisoned = apply_model_attack(self.name, honest_matrix, own, derive_seed(self.seed, "attack", server_round), self.options)
+        seed = derive_seed(self.seed, "attack", server_round)
+        if self.name == "adaptive":
+            accepts = self._defence_test(updates, bad, defence, weights, server_round)
+            poisoned = adaptive(honest_matrix, own, torch.Generator().manual_seed(seed), accepts, **self.options)
+        else:
+            poisoned = apply_model_attack(self.name, honest_matrix, own, seed, self.options)
         return dict(zip(bad, poisoned))
+
+    def _defence_test(
+        self,
+        updates: Mapping[int, Tensor],
+        bad: list[int],
+        defence: Screens | None,
+        weights: Mapping[int, float] | None,
+        server_round: int,
+    ) -> Accepts | None:
+        """The adaptive attack's test for this round's defence; None (min-max's bound) when it drops no one."""
+        if defence is None or not defence.drops_clients:
+            return None
+        order = sorted(updates)
+        shares = torch.tensor([1.0 if weights is None else float(weights[c]) for c in order], dtype=torch.float64)
+        rows = [order.index(c) for c in bad]
+        matrix = torch.stack([updates[c] for c in order])
+        return defence_accepts(defence, matrix, rows, shares / shares.sum(), derive_seed(self.seed, "adaptive", server_round))

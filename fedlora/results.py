@@ -6,6 +6,7 @@
 <run_dir>/adapter/          the final adapter in peft's format
 <run_dir>/checkpoint.pt     the last finished round: global factors, privacy ledgers,
                             elapsed time (a resumed run continues from it)
+<run_dir>/report/           the one-run report `fedlora simulate` and `flwr run` write at the end
 """
 
 from __future__ import annotations
@@ -19,21 +20,27 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from fedlora.config import ConfigError, ExperimentConfig
+from fedlora.config import ConfigError, ExperimentConfig, config_from_json
+from fedlora.rundir import write_atomic
 
 HISTORY = "history.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.json"
 ADAPTER = "adapter"
 CHECKPOINT = "checkpoint.pt"
+RUN_REPORT_DIR = "report"
 PACKAGES = ("fedlora", "torch", "flwr", "ray", "opacus", "transformers", "peft")
 
 
 @dataclass
 class RoundRecord:
-    """One line of history.jsonl."""
+    """One line of history.jsonl.
+
+    For a causal LM (model.task = "causal_lm") `accuracy` is the exact match of greedy
+    generations on the held-out split (its first data.exact_match_examples examples), `loss` the
+    held-out token loss on the response tokens, and `perplexity` exp(loss); for classification
+    `perplexity` is None.
+    """
 
     round: int
     accuracy: float
@@ -47,17 +54,25 @@ class RoundRecord:
     train_loss: float | None = None
     epsilon_max: float | None = None  # over every client that has trained so far (cumulative)
     epsilon_mean: float | None = None
-    clients: list[int] = field(default_factory=list)
+    clients: list[int] = field(default_factory=list)  # whose updates were aggregated
+    sampled: list[int] = field(default_factory=list)  # who was asked to train
     rejected: list[dict[str, Any]] = field(default_factory=list)
     refused: list[dict[str, Any]] = field(default_factory=list)
     skipped: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    perplexity: float | None = None
 
 
 def default_run_dir(config: ExperimentConfig) -> Path:
-    """<output.dir>/<output.name or strategy-timestamp>."""
-    name = config.output.name or f"{config.strategy.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(config.output.dir) / name
+    """<output.dir>/<output.name>, or a new <output.dir>/<strategy>-<timestamp>[-k] that does not exist yet."""
+    if config.output.name:
+        return Path(config.output.dir) / config.output.name
+    stem = Path(config.output.dir) / f"{config.strategy.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    candidate, count = stem, 1
+    while candidate.exists():  # two runs started in the same second
+        count += 1
+        candidate = stem.with_name(f"{stem.name}-{count}")
+    return candidate
 
 
 def package_versions() -> dict[str, str]:
@@ -71,39 +86,12 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-@dataclass
-class Checkpoint:
-    """What a run needs to go on after its last finished round."""
-
-    round: int
-    tensors: dict[str, torch.Tensor]  # the global LoraState's tensors, by record key
-    ledgers: dict[int, dict[str, Any]] = field(default_factory=dict)  # client id -> privacy ledger record
-    privacy: dict[int, dict[str, float]] = field(default_factory=dict)  # client id -> latest privacy figures
-    elapsed: float = 0.0  # seconds the run has taken so far
-
-
-def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
-    """Write the checkpoint atomically: a kill mid-write leaves the previous one intact."""
-    path = Path(run_dir) / CHECKPOINT
-    partial = path.with_suffix(".partial")
-    torch.save(asdict(checkpoint), partial)
-    os.replace(partial, path)
-
-
-def load_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The run's last checkpoint, or None if it finished no round."""
-    path = Path(run_dir) / CHECKPOINT
-    if not path.exists():
-        return None
-    return Checkpoint(**torch.load(path, weights_only=True))
-
-
 def resumable_config(run_dir: Path) -> ExperimentConfig:
     """The resolved config a run directory was started with (to resume it)."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise ConfigError(f"--resume {run_dir}: not a run directory (no {CONFIG})")
-    return ExperimentConfig.model_validate_json(path.read_text())
+    return config_from_json(path.read_bytes(), path)
 
 
 class RunRecorder:
@@ -118,13 +106,11 @@ class RunRecorder:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rounds: list[RoundRecord] = []
         if resume_after is None:
-            (self.run_dir / CONFIG).write_text(config.to_json())
-            (self.run_dir / HISTORY).write_text("")
+            write_atomic(self.run_dir / CONFIG, config.to_json())
+            write_atomic(self.run_dir / HISTORY, "")
             return
-        if (self.run_dir / CONFIG).read_text() != config.to_json():
-            raise ConfigError(f"{self.run_dir} was started with another config; resume it with its own")
         self.rounds = [RoundRecord(**line) for line in read_history(self.run_dir) if line["round"] <= resume_after]
-        (self.run_dir / HISTORY).write_text("".join(json.dumps(asdict(r)) + "\n" for r in self.rounds))
+        write_atomic(self.run_dir / HISTORY, "".join(json.dumps(asdict(r)) + "\n" for r in self.rounds))
 
     @property
     def adapter_dir(self) -> Path:
@@ -136,10 +122,14 @@ class RunRecorder:
         self.rounds.append(record)
         with (self.run_dir / HISTORY).open("a") as handle:
             handle.write(json.dumps(asdict(record)) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def finish(self, wall_seconds: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write summary.json and return it."""
         final = self.rounds[-1]
+        bytes_up, bytes_down = sum(r.bytes_up for r in self.rounds), sum(r.bytes_down for r in self.rounds)
+        causal = {} if final.perplexity is None else {"final_perplexity": final.perplexity}
         summary = {
             "status": "finished",
             "rounds": final.round,
@@ -147,21 +137,40 @@ class RunRecorder:
             "final_accuracy": final.accuracy,
             "final_loss": final.loss,
             "best_accuracy": max(r.accuracy for r in self.rounds),
-            "bytes_up": sum(r.bytes_up for r in self.rounds),
-            "bytes_down": sum(r.bytes_down for r in self.rounds),
+            **causal,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "communication_mb": communication_mb(bytes_up + bytes_down),
             "wall_seconds": wall_seconds,
             "adapter": str(self.adapter_dir),
             "versions": package_versions(),
             **(extra or {}),
         }
-        (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+        write_atomic(self.run_dir / SUMMARY, json.dumps(summary, indent=2))  # last: it marks the run finished
         return summary
 
 
+def communication_mb(total_bytes: float) -> float:
+    """A run's communication as FlowerTune's leaderboard reports it: uplink plus downlink, in MB of 2**20 bytes."""
+    return total_bytes / 2**20
+
+
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    """The rounds recorded in a run directory."""
-    lines = (Path(run_dir) / HISTORY).read_text().splitlines()
+    """The rounds recorded in a run directory (a last line cut short by a kill is left out)."""
+    text = (Path(run_dir) / HISTORY).read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines = lines[:-1]  # every line is written with its newline: this one is torn
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def finished_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a run that finished, or None (not finished, or its summary unreadable)."""
+    try:
+        summary = json.loads((Path(run_dir) / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("status") == "finished" else None
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:

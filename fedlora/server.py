@@ -1,4 +1,7 @@
-"""The Flower ServerApp: builds the strategy, runs the rounds, evaluates, records.
+"""The round loop of the Flower ServerApp: builds the strategy, runs the rounds, evaluates, records.
+
+`fedlora simulate` binds it to one experiment (`build_server_app`); `flwr run` starts `main`
+(pyproject.toml's serverapp component), which reads the experiment from the run config.
 
 Round loop (one ServerApp for simulation and deployment):
   handshake (query: which client is each node) -> round 0 evaluation ->
@@ -10,111 +13,173 @@ Round loop (one ServerApp for simulation and deployment):
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
-from logging import INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fedlora import workspace
+from fedlora.accounting import PrivacyAccounts
 from fedlora.attacks import Adversary
-from fedlora.config import ExperimentConfig, experiment_from_run_config
+from fedlora.checkpoint import Checkpoint, load_resumable, save_checkpoint
+from fedlora.config import ConfigError, ExperimentConfig, FederationConfig, experiment_from_run_config
+from fedlora.export import RunFigures
+from fedlora.interrupt import RunInterrupted
 from fedlora.lora import LoraState
-from fedlora.model import evaluate, export_adapter
-from fedlora.privacy import DPSettings
-from fedlora.results import Checkpoint, RoundRecord, RunRecorder, load_checkpoint, save_checkpoint
+from fedlora.results import RUN_REPORT_DIR, RoundRecord, RunRecorder
+from fedlora.roster import Roster, declared_count_problem
+from fedlora.rundir import RunLock, claim_run_dir
+from fedlora.task import Scores, evaluate, export
+from fedlora.threads import use_threads
+from fedlora.trackers import Trackers
 from strategies import build_strategy
-from strategies.base import ARRAYS_KEY, CONFIG_KEY, LEDGER_KEY, LoraStrategy, check_against
+from strategies.base import ARRAYS_KEY, CONFIG_KEY, LEDGER_KEY, METRICS_KEY, LoraStrategy, check_against
 
 RoundCallback = Callable[[RoundRecord], None]
-APP_DIR = Path(__file__).resolve().parent.parent
-CONNECT_TIMEOUT = 600.0
+APP_DIR = Path(__file__).resolve().parent.parent  # for `flwr run`: the app folder as Flower installed it
+CONNECT_TIMEOUT = 600.0  # seconds a deployment waits for its SuperNodes
+WAIT_LOG_SECONDS = 10.0
+# How long a simulation's node count must hold before a mismatch is final (the engine registers
+# its nodes in one quick loop, while the ServerApp thread may already be asking).
+SIMULATION_SETTLE_SECONDS = 1.0
 
 
 class FederationError(RuntimeError):
-    """The federation cannot go on (no clients connected, a handshake failed)."""
+    """The federation cannot go on (too few or too many nodes, a handshake failed)."""
 
 
-def discover_clients(grid: Grid, expected: int, timeout: float = CONNECT_TIMEOUT) -> dict[int, int]:
-    """Node id -> client id for every connected node, asked with a query message."""
-    deadline = time.monotonic() + timeout
-    while len(node_ids := sorted(grid.get_node_ids())) < expected:
-        if time.monotonic() > deadline:
-            raise FederationError(f"only {len(node_ids)} of {expected} clients connected within {timeout:.0f} s")
-        time.sleep(1.0)
+def wait_for_nodes(grid: Grid, federation: FederationConfig, timeout: float = CONNECT_TIMEOUT) -> list[int]:
+    """The connected nodes, once `federation.num_clients` are there, saying every WAIT_LOG_SECONDS how many are.
+
+    A simulation engine (`flwr run . local`, `fedlora simulate`) registers all its SuperNodes at
+    once, before any message: there a count other than `expected` can never change, and is one
+    FederationError at once instead of a wait. In a deployment SuperNodes connect when they are
+    started, so the server waits up to `timeout`.
+    """
+    simulated, expected = isinstance(grid, InMemoryGrid), federation.num_clients
+    started = next_log = time.monotonic()
+    first_seen: float | None = None
+    while True:
+        node_ids = sorted(grid.get_node_ids())
+        now = time.monotonic()
+        if simulated and node_ids:
+            if len(node_ids) == expected:
+                return node_ids
+            first_seen = now if first_seen is None else first_seen
+            if now - first_seen >= SIMULATION_SETTLE_SECONDS:
+                raise FederationError(node_count_mismatch(len(node_ids), federation))
+        elif not simulated and len(node_ids) >= expected:
+            return node_ids
+        if now - started > timeout:
+            raise FederationError(
+                f"only {len(node_ids)} of {expected} SuperNodes connected within {timeout:.0f} s "
+                f"(federation.num_clients = {expected}); start one SuperNode per client, each with its own client id"
+            )
+        if now >= next_log and not simulated:
+            log(
+                INFO,
+                "waiting for SuperNodes: %d of %d connected (%.0f s left)",
+                len(node_ids),
+                expected,
+                timeout - (now - started),
+            )
+            next_log = now + WAIT_LOG_SECONDS
+        time.sleep(0.1 if simulated else 1.0)
+
+
+def node_count_mismatch(nodes: int, federation: FederationConfig) -> str:
+    """The one line that says a simulated federation's size and the experiment's differ, and both fixes."""
+    expected = federation.num_clients
+    resize = f'flwr run . local --federation-config "num-supernodes={expected}"'
+    fits = [f"federation.num_clients={nodes}"]
+    if federation.clients_per_round > nodes:
+        fits.append(f"federation.clients_per_round={nodes}")
+    if federation.min_replies > nodes:
+        fits.append(f"federation.min_replies={nodes}")
+    overrides = ";".join(fits)
+    return (
+        f"the simulated federation has {nodes} SuperNodes but the experiment has federation.num_clients = {expected}: "
+        f"run {resize}, or fit the experiment to the federation with --run-config \"overrides='{overrides}'\""
+    )
+
+
+def discover_clients(grid: Grid, node_ids: list[int], timeout: float = CONNECT_TIMEOUT) -> Roster:
+    """Who each connected node is and how many examples it declares, asked with a query message.
+
+    A node whose declaration is unusable (not a positive whole number) is left out of the
+    federation with its reason; two nodes claiming one client id end the run.
+    """
     queries = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids]
     clients: dict[int, int] = {}
+    examples: dict[int, int] = {}
+    excluded: dict[int, str] = {}
     for reply in grid.send_and_receive(queries, timeout=timeout):
+        node = reply.metadata.src_node_id
         if reply.has_error():
             raise FederationError(f"client handshake failed: {reply.error.reason}")
-        clients[reply.metadata.src_node_id] = int(reply.content["info"]["client-id"])
-    if len(set(clients.values())) != len(clients):
-        raise FederationError("two nodes claim the same client id")
-    return clients
+        client = int(reply.content["info"]["client-id"])
+        if client in examples:
+            raise FederationError(f"two nodes claim the same client id ({client}); give each SuperNode its own client-id")
+        declared = reply.content[METRICS_KEY].get("num-examples")
+        problem = declared_count_problem(declared)
+        if problem:
+            excluded[node] = problem
+            log(WARNING, "node %d (client %d) left out: %s", node, client, problem)
+            continue
+        clients[node], examples[client] = client, int(declared)
+    if not clients:
+        raise FederationError(f"no node declared a usable data set ({excluded})")
+    return Roster(clients, examples, excluded)
 
 
 def train_config(config: ExperimentConfig, num_labels: int) -> ConfigRecord:
-    """What every train message tells clients, beside what the strategy adds."""
-    record = ConfigRecord(
+    """What every train message tells clients, beside what the strategy (and DP) add."""
+    federation = config.federation
+    return ConfigRecord(
         {
-            "local-steps": config.federation.local_steps,
-            "lr": config.federation.lr,
-            "batch-size": config.federation.batch_size,
+            "local-steps": federation.local_steps,
+            "lr": federation.lr,
+            "batch-size": federation.batch_size,
+            "optimizer": federation.optimizer,
+            "momentum": federation.momentum,
+            "weight-decay": federation.weight_decay,
             "num-labels": num_labels,
         }
     )
-    if config.privacy.enabled:
-        record.update(dp_settings(config).to_config())
-    return record
 
 
-def dp_settings(config: ExperimentConfig) -> DPSettings:
-    """The DP-SGD settings clients get, with the steps each plans for over the run."""
-    privacy = config.privacy
-    planned_rounds = privacy.planned_rounds or config.federation.rounds
-    return DPSettings(
-        epsilon=privacy.epsilon,
-        delta=privacy.delta,
-        max_grad_norm=privacy.max_grad_norm,
-        accountant=privacy.accountant,
-        grad_sample_mode=privacy.grad_sample_mode,
-        planned_steps=planned_rounds * config.federation.local_steps,
-    )
+def with_config(message: Message, entries: dict[str, Any]) -> None:
+    """Add entries to one message's train config (the record is shared by every message of a round)."""
+    config = ConfigRecord(dict(message.content[CONFIG_KEY]))
+    config.update(entries)
+    message.content[CONFIG_KEY] = config
 
 
-def attach_ledgers(messages: list[Message], ledgers: dict[int, dict[str, Any]], clients: dict[int, int]) -> None:
-    """Give each client the privacy ledger it last reported: a client that lost its own (a
-    resumed run, a restarted node) continues its accounting from it instead of from zero."""
+def instruct_privacy(accounts: PrivacyAccounts, messages: list[Message], clients: dict[int, int]) -> None:
+    """Give each sampled client its DP instruction and the server's copy of its ledger."""
     for message in messages:
-        ledger = ledgers.get(clients[message.metadata.dst_node_id])
-        if ledger is not None:
-            message.content[LEDGER_KEY] = ConfigRecord(ledger)
-
-
-def collect_ledgers(replies: list[Message], clients: dict[int, int]) -> dict[int, dict[str, Any]]:
-    """The privacy ledgers the replies carry, by client id."""
-    return {
-        clients[reply.metadata.src_node_id]: dict(reply.content[LEDGER_KEY])
-        for reply in replies
-        if not reply.has_error() and reply.metadata.src_node_id in clients and LEDGER_KEY in reply.content.config_records
-    }
+        client = clients[message.metadata.dst_node_id]
+        with_config(message, dict(accounts.instruct(client)))
+        message.content[LEDGER_KEY] = accounts.ledger_record(client)
 
 
 def instruct_poisoners(adversary: Adversary, messages: list[Message], clients: dict[int, int]) -> None:
     """Tell this round's malicious clients to train on flipped labels (data poisoning)."""
     for message in messages:
         if clients[message.metadata.dst_node_id] in adversary.malicious:
-            config = ConfigRecord(dict(message.content[CONFIG_KEY]))  # the record is shared by all messages
-            config["poison-labels"] = True
-            message.content[CONFIG_KEY] = config
+            with_config(message, {"poison-labels": True})
 
 
 def poison_replies(adversary: Adversary, replies: list[Message], strategy: LoraStrategy, server_round: int) -> None:
-    """Let the adversary rewrite its clients' updates, knowing every well-formed reply of the round."""
+    """Let the adversary rewrite its clients' updates, knowing every well-formed reply of the round
+    and the round's defence and weights (which the adaptive attack simulates)."""
     states: dict[int, tuple[Message, LoraState]] = {}
     for reply in replies:
         client = strategy.clients.get(reply.metadata.src_node_id)
@@ -124,7 +189,9 @@ def poison_replies(adversary: Adversary, replies: list[Message], strategy: LoraS
         if check_against(state, strategy.global_state, strategy.trains, strategy.train_head) is None:
             states[client] = (reply, state)
     deltas = {client: state.minus(strategy.global_state) for client, (_, state) in states.items()}
-    rewritten = adversary.rewrite({client: delta.flatten() for client, delta in deltas.items()}, server_round)
+    weights = {client: strategy.weights[client] for client in states}  # the server's, as the defence will see them
+    flat = {client: delta.flatten() for client, delta in deltas.items()}
+    rewritten = adversary.rewrite(flat, server_round, defence=strategy.defence, weights=weights)
     for client, update in rewritten.items():
         reply, _ = states[client]
         poisoned = strategy.global_state.plus(deltas[client].unflatten(update))
@@ -149,116 +216,171 @@ def detection_record(adversary: Adversary, seen: list[int], flagged: list[int] |
     }
 
 
-class PrivacyBoard:
-    """The latest privacy figures each client reported (its epsilon is cumulative)."""
-
-    FIELDS = ("epsilon", "delta", "noise-multiplier", "sample-rate", "dp-steps")
-
-    def __init__(self) -> None:
-        self.clients: dict[int, dict[str, float]] = {}
-
-    def update(self, client_metrics: dict[int, dict[str, float]]) -> None:
-        """Take this round's reports."""
-        for client, metrics in client_metrics.items():
-            if "epsilon" in metrics:
-                self.clients[client] = {k: metrics[k] for k in self.FIELDS if k in metrics}
-
-    def epsilon_max_mean(self) -> tuple[float | None, float | None]:
-        """Max and mean cumulative epsilon over the clients that have reported one."""
-        values = [c["epsilon"] for c in self.clients.values()]
-        if not values:
-            return None, None
-        return max(values), sum(values) / len(values)
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        """Per client: noise multiplier, sample rate, steps, epsilon, delta."""
-        return {str(client): dict(figures) for client, figures in sorted(self.clients.items())}
-
-
 def run_federation(
-    grid: Grid, config: ExperimentConfig, run_dir: Path, on_round: RoundCallback | None = None, resume: bool = False
+    grid: Grid,
+    config: ExperimentConfig,
+    run_dir: Path,
+    on_round: RoundCallback | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
-    """Run every round of the experiment on the grid (after the checkpoint's, with `resume`); returns the summary."""
-    return Federation(grid, config, Path(run_dir), on_round, resume).run()
+    """Run every round of the experiment on the grid (after the checkpoint's, with `resume`); returns the summary.
+
+    Holds the run directory's lock throughout; a new run refuses a directory holding another
+    unless `overwrite`. Once `stop` is set, the run stops after the round in progress
+    (RunInterrupted), its checkpoint and history consistent.
+    """
+    use_threads(config.federation.server_cpus)  # beside its own clients: its share of the cores
+    with RunLock(run_dir):
+        if not resume:
+            claim_run_dir(run_dir, overwrite)
+        return Federation(grid, config, Path(run_dir), on_round, resume, stop).run()
 
 
 class Federation:
     """One run of the round loop: the strategy, the records, and what a checkpoint keeps."""
 
-    def __init__(self, grid: Grid, config: ExperimentConfig, run_dir: Path, on_round: RoundCallback | None, resume: bool) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        config: ExperimentConfig,
+        run_dir: Path,
+        on_round: RoundCallback | None,
+        resume: bool,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.started = time.perf_counter()
-        self.grid, self.config, self.run_dir, self.on_round = grid, config, run_dir, on_round
+        self.grid, self.config, self.run_dir, self.on_round, self.stop = grid, config, run_dir, on_round, stop
+        node_ids = wait_for_nodes(grid, config.federation)  # first: a federation that cannot serve the run says so at once
         task = workspace.federated_task(config)
+        self.class_names = task.class_names
+        initial = workspace.initial_state(config, task.num_labels)
+        # Everything a resume needs is checked before anything in the run directory is touched.
+        checkpoint = load_resumable(run_dir, config, initial) if resume else None
         self.test = workspace.test_examples(config)
-        self.model = workspace.lora_model(config, task.num_labels)
-        self.clients = discover_clients(grid, config.federation.num_clients)
-        self.strategy = build_strategy(config, self.clients)
+        self.model = workspace.server_model(config, task.num_labels)
+        self.roster = discover_clients(grid, node_ids)
+        self.clients = self.roster.clients
+        self.strategy = build_strategy(config, self.roster)
         attack = config.attack
         self.adversary = Adversary(attack.name, attack.options, config.federation.num_clients, attack.fraction, config.seed)
         self.base_config = train_config(config, task.num_labels)
-        self.privacy = PrivacyBoard()
-        self.ledgers: dict[int, dict[str, Any]] = {}  # client id -> its privacy ledger, as last reported
-        checkpoint = load_checkpoint(run_dir) if resume else None
+        self.stopped: str | None = None  # why the run ended before its last round
+        self.trackers = Trackers(config.output.trackers)  # a missing package is refused before anything is written
         self.recorder = RunRecorder(run_dir, config, resume_after=checkpoint.round if checkpoint else None)
+        self.trackers.start(config, run_dir, resume=checkpoint is not None)
         if checkpoint is None:
             self.first_round, self.elapsed_before = 1, 0.0
-            self.state = self.strategy.initial_state(workspace.initial_state(config, task.num_labels))
+            self.state = self.strategy.initial_state(initial)
+            self.accounts = PrivacyAccounts.for_run(config, self.roster.examples) if config.privacy.enabled else None
         else:
             self.first_round, self.elapsed_before = checkpoint.round + 1, checkpoint.elapsed
             self.state = LoraState.from_tensors(checkpoint.tensors)
-            self.ledgers, self.privacy.clients = checkpoint.ledgers, checkpoint.privacy
+            self.accounts = PrivacyAccounts.from_state(config, checkpoint.privacy) if checkpoint.privacy else None
+            self.strategy.retired.update(checkpoint.retired)
             log(INFO, "resuming %s after round %d", run_dir, checkpoint.round)
+        self.resumed = checkpoint is not None
+        if self.accounts is not None:
+            self.strategy.reply_checks.append(self.accounts.check_reply)
+            if checkpoint is not None and checkpoint.in_flight:
+                # The round the server was killed in may have been trained and released: it counts.
+                self.accounts.charge(checkpoint.in_flight, [], self.clients)
+                log(INFO, "charged clients %s for round %d, which was interrupted", checkpoint.in_flight, self.first_round)
 
     def run(self) -> dict[str, Any]:
-        """Rounds first_round..rounds, then the adapter and the summary."""
+        """Rounds first_round..rounds (fewer once every budget is spent), then the adapter and the summary."""
         self.strategy.summary()
-        if self.first_round == 1:
-            accuracy, loss = self.evaluate()
-            self.emit(RoundRecord(round=0, accuracy=accuracy, loss=loss))
+        if not self.resumed:
+            scores = self.evaluate()
+            self.emit(RoundRecord(round=0, accuracy=scores.accuracy, loss=scores.loss, perplexity=scores.perplexity))
         for server_round in range(self.first_round, self.config.federation.rounds + 1):
+            if self.stop is not None and self.stop.is_set():
+                raise RunInterrupted(self.run_dir, server_round - 1, self.config.federation.rounds)
+            if not self.can_continue(server_round):
+                break
             self.emit(self.train_round(server_round))
             self.save_checkpoint(server_round)
         self.state.load_into(self.model)
-        export_adapter(self.model, self.recorder.adapter_dir)
-        return self.recorder.finish(
+        export(
+            self.config, self.model, self.recorder.adapter_dir, workspace.tokenizer(self.config), self.class_names, self.figures()
+        )
+        summary = self.recorder.finish(
             self.elapsed(),
             {
                 "strategy": self.config.strategy.name,
                 "num_clients": len(self.clients),
                 "run_dir": str(self.run_dir),
-                "privacy": self.privacy.summary() if self.config.privacy.enabled else None,
+                "weights": {str(c): w for c, w in sorted(self.strategy.weights.items())},
+                "excluded_nodes": {str(n): reason for n, reason in self.roster.excluded.items()},
+                "privacy": self.accounts.summary() if self.accounts else None,
+                "retired": {str(c): reason for c, reason in sorted(self.strategy.retired.items())},
+                "stopped_early": self.stopped,
                 "malicious": sorted(self.adversary.malicious),
             },
         )
+        self.trackers.finish(summary)
+        return summary
+
+    def figures(self) -> RunFigures:
+        """The run as the adapter's model card summarizes it."""
+        last = self.recorder.rounds[-1]
+        return RunFigures(
+            run_name=self.run_dir.name,
+            rounds=last.round,
+            clients=len(self.clients),
+            final_accuracy=last.accuracy,
+            test_examples=len(self.test),
+            epsilon=self.accounts.epsilon_max_mean()[0] if self.accounts else None,
+        )
+
+    def can_continue(self, server_round: int) -> bool:
+        """Retire clients whose budget is spent; False (and why) once too few are left to train."""
+        if self.accounts is not None:
+            self.strategy.retired.update({c: r for c, r in self.accounts.spent().items() if c not in self.strategy.retired})
+        eligible = len(self.strategy.eligible_clients())
+        if eligible >= max(1, self.config.federation.min_replies):
+            return True
+        self.stopped = f"{eligible} clients left with privacy budget, fewer than federation.min_replies"
+        log(WARNING, "stopping before round %d: %s", server_round, self.stopped)
+        return False
 
     def train_round(self, server_round: int) -> RoundRecord:
         """Send, (simulate the adversary,) aggregate, evaluate: the round's history line."""
         round_started = time.perf_counter()
         strategy, adversary = self.strategy, self.adversary
         messages = list(strategy.configure_train(server_round, self.state.to_array_record(), self.base_config, self.grid))
-        attach_ledgers(messages, self.ledgers, self.clients)
+        if self.accounts is not None:
+            instruct_privacy(self.accounts, messages, self.clients)
+            self.save_checkpoint(server_round - 1, in_flight=strategy.last_round.sampled)  # write-ahead
         if adversary.poisons_data:
             instruct_poisoners(adversary, messages, self.clients)
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout))
-        self.ledgers.update(collect_ledgers(replies, self.clients))
+        if self.accounts is not None:
+            self.accounts.charge(strategy.last_round.sampled, replies, self.clients)
         if adversary.malicious:
             poison_replies(adversary, replies, strategy, server_round)
         new_arrays, metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             self.state = LoraState.from_array_record(new_arrays)
         eval_started = time.perf_counter()
-        accuracy, loss = self.evaluate()
+        scores = self.evaluate()
         log_ = strategy.last_round  # what the strategy saw this round
-        self.privacy.update(log_.client_metrics)
-        epsilon_max, epsilon_mean = self.privacy.epsilon_max_mean()
+        for refusal in log_.refused:  # a client that refuses will refuse again: stop asking it
+            strategy.retired.setdefault(int(refusal["client"]), f"refused: {refusal['reason']}")
+        epsilon_max, epsilon_mean = self.accounts.epsilon_max_mean() if self.accounts else (None, None)
         extra = dict(log_.extra, dropped=log_.dropped) if log_.dropped else dict(log_.extra)
+        personal = strategy.personalized_states()
+        if personal:
+            extra["personalized"] = self.evaluate_personalized(personal)
         if adversary.malicious:
             flags = strategy.defence is not None and strategy.defence.drops_clients
             extra.update(detection_record(adversary, log_.accepted + log_.dropped, log_.dropped if flags else None))
         return RoundRecord(
             round=server_round,
-            accuracy=accuracy,
-            loss=loss,
+            accuracy=scores.accuracy,
+            loss=scores.loss,
+            perplexity=scores.perplexity,
             bytes_up=log_.bytes_up,
             bytes_up_factors=log_.bytes_up_factors,
             bytes_down=log_.bytes_down,
@@ -269,29 +391,57 @@ class Federation:
             epsilon_max=epsilon_max,
             epsilon_mean=epsilon_mean,
             clients=log_.accepted,
+            sampled=log_.sampled,
             rejected=log_.rejected,
             refused=log_.refused,
             skipped=log_.skipped,
             extra=extra,
         )
 
-    def evaluate(self) -> tuple[float, float]:
-        """Accuracy and loss of the global state on the held-out split."""
+    def evaluate(self) -> Scores:
+        """Accuracy and loss (for a causal LM: exact match, loss and perplexity) of the global state on the held-out split."""
         self.state.load_into(self.model)
-        return evaluate(self.model, self.test)
+        return evaluate(self.config, self.model, self.test, workspace.tokenizer(self.config))
+
+    def evaluate_personalized(self, states: dict[int, LoraState]) -> dict[str, object]:
+        """Each client's own model (FedSA-LoRA's B_k with the shared A) on the held-out split, and their mean.
+
+        The server's held-out split, since clients keep no held-out share of their own; the
+        global model's figures stay in the round's accuracy and loss.
+        """
+        scores = {}
+        for client, state in states.items():
+            state.load_into(self.model)
+            scores[client] = evaluate(self.config, self.model, self.test, workspace.tokenizer(self.config))
+        self.state.load_into(self.model)
+        return {
+            "accuracy_mean": sum(s.accuracy for s in scores.values()) / len(scores),
+            "loss_mean": sum(s.loss for s in scores.values()) / len(scores),
+            "accuracy": {str(client): s.accuracy for client, s in scores.items()},
+        }
 
     def emit(self, record: RoundRecord) -> None:
-        """Append the round to the history, log it, hand it to the progress display."""
+        """Append the round to the history and the trackers, log it, hand it to the progress display."""
         self.recorder.record(record)
+        self.trackers.log_round(record)
         log(INFO, "round %d: accuracy %.4f, loss %.4f", record.round, record.accuracy, record.loss)
         if self.on_round is not None:
             self.on_round(record)
 
-    def save_checkpoint(self, server_round: int) -> None:
-        """What a resumed run needs, after the round's history line is on disk."""
+    def save_checkpoint(self, server_round: int, in_flight: list[int] | None = None) -> None:
+        """What a resumed run needs: the state after `server_round` and, while a round is out,
+        which clients it asked to train (they are charged for it if the server dies)."""
         save_checkpoint(
             self.run_dir,
-            Checkpoint(server_round, self.state.tensors(), dict(self.ledgers), dict(self.privacy.clients), self.elapsed()),
+            Checkpoint(
+                round=server_round,
+                tensors=self.state.tensors(),
+                config=self.config.model_dump(mode="json"),
+                privacy=self.accounts.state() if self.accounts else None,
+                retired=dict(self.strategy.retired),
+                in_flight=list(in_flight or []),
+                elapsed=self.elapsed(),
+            ),
         )
 
     def elapsed(self) -> float:
@@ -305,6 +455,8 @@ def build_server_app(
     on_round: RoundCallback | None = None,
     errors: list[BaseException] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
+    stop: threading.Event | None = None,
 ) -> ServerApp:
     """A ServerApp bound to one experiment (simulation); exceptions are kept in `errors`."""
     app = ServerApp()
@@ -312,7 +464,7 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_federation(grid, config, run_dir, on_round, resume)
+            run_federation(grid, config, run_dir, on_round, resume, overwrite, stop)
         except BaseException as err:  # the simulation engine swallows them: hand them back
             if errors is None:
                 raise
@@ -326,13 +478,43 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Deployment entry point (`flwr run`): the experiment comes from the run config.
+    """`flwr run` entry point (deployment, or Flower's local simulation): the experiment comes from
+    the run config; the run directory, its report and the adapter are logged as they are written.
 
     With output.name set, the run directory is stable across runs, and `resume=true` in the run
-    config continues it from its last checkpoint (e.g. after the server machine restarted).
+    config continues it from its last checkpoint (e.g. after the server machine restarted);
+    `overwrite=true` replaces a run already there. A mistake in the experiment or a federation
+    that cannot serve it is logged as one line before the run fails.
     """
-    config = experiment_from_run_config(dict(context.run_config), APP_DIR)
-    run_dir = Path(str(context.run_config.get("run-dir", config.output.dir))) / (
-        config.output.name or f"{config.strategy.name}-run{context.run_id}"
-    )
-    run_federation(grid, config, run_dir, resume=bool(context.run_config.get("resume", False)))
+    run_config = context.run_config
+    try:
+        config = experiment_from_run_config(dict(run_config), APP_DIR)
+        run_dir = deployment_run_dir(run_config, config, context.run_id)
+        log(INFO, "run directory: %s", run_dir)
+        summary = run_federation(
+            grid,
+            config,
+            run_dir,
+            resume=bool(run_config.get("resume", False)),
+            overwrite=bool(run_config.get("overwrite", False)),
+        )
+    except (ConfigError, FederationError) as err:
+        log(ERROR, "%s", err)  # Flower's traceback follows: this line says what to change
+        raise
+    from fedlora.report import write_report  # plots: loaded only once a run has something to show
+
+    files = write_report([run_dir], run_dir / RUN_REPORT_DIR, f"flwr run: {run_dir.name}")
+    log(INFO, "final accuracy %.4f (round 0: %.4f)", summary["final_accuracy"], summary["initial_accuracy"])
+    log(INFO, "adapter (peft format): %s", summary["adapter"])
+    log(INFO, "report: %s", files.html)
+
+
+def deployment_run_dir(run_config: dict[str, Any], config: ExperimentConfig, run_id: int) -> Path:
+    """`<run-dir>/<output.name>` (or `<strategy>-run<run id>`), absolute.
+
+    A relative run-dir (the default, "runs") is taken from the ServerApp's working directory,
+    which it inherits from the SuperLink: for `flwr run . local`, the folder where the first
+    `flwr run` started Flower's local SuperLink (it keeps running in the background).
+    """
+    base = Path(str(run_config.get("run-dir", config.output.dir))).expanduser()
+    return (base / (config.output.name or f"{config.strategy.name}-run{run_id}")).resolve()

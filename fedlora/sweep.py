@@ -6,7 +6,12 @@
     seed = [0, 1, 2]
 
 Each axis is a dotted config key with the list of values to try. Every combination of the
-values is one variant: the rest of the file with those keys set. `--set key=value` overrides
+values is one variant: the rest of the file with those keys set. A value that is a table sets
+several keys of a section at once, so that settings which only make sense together stay one
+axis (DP off, or on at three budgets: four variants, not six):
+
+    "privacy" = [{enabled = false}, {enabled = true, epsilon = 1.0}, {enabled = true, epsilon = 3.0}]
+ `--set key=value` overrides
 the base config; on a key that is an axis it fixes that axis to the one value, and
 `--set sweep.key=[...]` replaces an axis's list.
 
@@ -19,10 +24,12 @@ on, and the next invocation tries it again.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
 import re
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -34,6 +41,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedlora.config import ConfigError, ExperimentConfig, _parse_value, config_from_dict, read_config_file
+from fedlora.interrupt import RunInterrupted
 from fedlora.results import CONFIG, SUMMARY, RoundRecord
 
 INDEX = "sweep.json"
@@ -148,12 +156,17 @@ def _expand(raw: dict[str, Any], axes: dict[str, list[Any]], overrides: list[str
 
 
 def _set_key(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key; a table value sets each of its keys inside that section."""
     *sections, leaf = key.split(".")
     node = tree
     for section in sections:
         node = node.setdefault(section, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{key}: {section} is not a section")
+    if isinstance(value, dict):
+        for inner, inner_value in value.items():
+            _set_key(tree, f"{key}.{inner}", inner_value)
+        return
     node[leaf] = copy.deepcopy(value)
 
 
@@ -174,6 +187,8 @@ def _slug(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, list):
         return "+".join(_slug(v) for v in value) or "empty"
+    if isinstance(value, dict):
+        return "+".join(f"{k}-{_slug(v)}" for k, v in value.items()) or "empty"
     if isinstance(value, float):
         return repr(value)
     return str(value)
@@ -221,9 +236,13 @@ def _write_index(out: Path, sweep: Sweep, statuses: dict[str, dict[str, Any]]) -
     partial.replace(out / INDEX)  # atomic: a kill never leaves half an index
 
 
-def run_sweep(sweep: Sweep, out: Path, console: Console | None = None) -> list[RunOutcome]:
-    """Run every variant not yet finished into `<out>/<name>/`, with a progress bar and a line per run."""
-    from fedlora.simulation import quiet_flower_logs, simulate
+def run_sweep(sweep: Sweep, out: Path, console: Console | None = None, stop: threading.Event | None = None) -> list[RunOutcome]:
+    """Run every variant not yet finished into `<out>/<name>/`, with a progress bar and a line per run.
+
+    A variant left unfinished by an earlier invocation starts again from scratch. Once `stop` is
+    set, the run in progress stops after its round (RunInterrupted) and so does the sweep.
+    """
+    from fedlora.simulation import one_ray_for_every_run, quiet_flower_logs, ray_init_args, restart_ray, simulate
 
     console = console or Console()
     out = Path(out)
@@ -247,9 +266,16 @@ def run_sweep(sweep: Sweep, out: Path, console: Console | None = None) -> list[R
         highlight=False,
         soft_wrap=True,
     )
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as progress:
+    # One Ray instance for every variant saves Ray's start-up (several seconds) per run; variants
+    # that would start Ray differently (another ray_address) each start their own.
+    init_args = {json.dumps(ray_init_args(variant.config), sort_keys=True) for variant in sweep.variants}
+    shared_ray = one_ray_for_every_run() if len(init_args) == 1 else contextlib.nullcontext()
+    with (
+        shared_ray,
+        Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as progress,
+    ):
         overall = progress.add_task("[bold]runs[/bold]", total=len(sweep.variants), completed=done)
         for variant in sweep.variants:
             run_dir = out / variant.name
@@ -274,8 +300,13 @@ def run_sweep(sweep: Sweep, out: Path, console: Console | None = None) -> list[R
 
             started = time.perf_counter()
             try:
-                summary = simulate(config, run_dir, on_round)
+                summary = simulate(config, run_dir, on_round, overwrite=True, stop=stop)
+            except RunInterrupted:
+                statuses[variant.name] = {"status": "pending"}
+                _write_index(out, sweep, statuses)
+                raise
             except Exception as err:  # a failed run is recorded and the sweep goes on
+                restart_ray()  # whatever broke in Ray stays with this run
                 run_dir.mkdir(parents=True, exist_ok=True)
                 message = f"{type(err).__name__}: {err}"
                 (run_dir / ERROR).write_text(message + "\n\n" + traceback.format_exc())

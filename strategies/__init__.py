@@ -9,21 +9,40 @@ a `Defence` subclass).
 from __future__ import annotations
 
 from fedlora.config import ConfigError, ExperimentConfig
+from fedlora.roster import Roster
 from strategies.base import LoraStrategy
+from strategies.bulyan import BulyanDefence
+from strategies.fedex_lora import FedExLoRA
 from strategies.fedit import FedIT
+from strategies.fedsa_lora import FedSALoRA
 from strategies.fedsvd import FedSVD
 from strategies.ffa_lora import FFALoRA
+from strategies.flexlora import FlexLoRA
+from strategies.flora import FLoRA
 from strategies.krum import KrumDefence, MultiKrumDefence
 from strategies.lora_fair import LoraFair
 from strategies.median import MedianDefence
 from strategies.robust import Defence
+from strategies.rolora import RoLoRA
 from strategies.trimmed_mean import TrimmedMeanDefence
 from strategies.zprobe import ZProbeDefence
+from strategies.zprobe_refined import ZProbeRefinedDefence
 
-STRATEGIES: dict[str, type[LoraStrategy]] = {cls.name: cls for cls in (FedIT, FFALoRA, FedSVD, LoraFair)}
+STRATEGIES: dict[str, type[LoraStrategy]] = {
+    cls.name: cls for cls in (FedIT, FFALoRA, FedSVD, LoraFair, FLoRA, FlexLoRA, FedExLoRA, FedSALoRA, RoLoRA)
+}
 NO_DEFENCE = "none"
 DEFENCES: dict[str, type[Defence]] = {
-    cls.name: cls for cls in (ZProbeDefence, KrumDefence, MultiKrumDefence, MedianDefence, TrimmedMeanDefence)
+    cls.name: cls
+    for cls in (
+        ZProbeDefence,
+        ZProbeRefinedDefence,
+        KrumDefence,
+        MultiKrumDefence,
+        BulyanDefence,
+        MedianDefence,
+        TrimmedMeanDefence,
+    )
 }
 
 
@@ -46,9 +65,9 @@ def defence_class(name: str) -> type[Defence] | None:
         raise ConfigError(f"strategy.robust: unknown defence {name!r} (known: {known})") from None
 
 
-def build_strategy(config: ExperimentConfig, clients: dict[int, int]) -> LoraStrategy:
-    """The strategy an experiment config names, behind its defence, for the given connected clients."""
-    strategy = strategy_class(config.strategy.name).from_config(config, clients)
+def build_strategy(config: ExperimentConfig, roster: Roster) -> LoraStrategy:
+    """The strategy an experiment config names, behind its defence, for the handshake's roster."""
+    strategy = strategy_class(config.strategy.name).from_config(config, roster)
     defence = defence_class(config.strategy.robust)
     if defence is not None:
         strategy.defence = defence(config.strategy.phi_max)

@@ -38,12 +38,10 @@ def refactorize(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     _check_factors(B, A)
     if not torch.any(B):
         return B, A
-    q_b, r_b = torch.linalg.qr(B.to(_WORK_DTYPE))  # d_out x kb, kb x r, kb = min(d_out, r)
-    q_a, r_a = torch.linalg.qr(A.to(_WORK_DTYPE).T)  # d_in x ka, ka x r, ka = min(d_in, r)
-    # B A = q_b (r_b r_a^T) q_a^T: the SVD of the small core gives the SVD of B A.
+    q_b, core, q_a = _qr_core(B, A)
     # full_matrices=True so that V is a complete basis of the core's column space (ka rows of
     # A'), even when the core has fewer than ka nonzero singular values.
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=True)  # kb x kb, m, ka x ka
+    u, s, vh = torch.linalg.svd(core, full_matrices=True)  # kb x kb, m, ka x ka
     m = s.shape[0]
     b_new = torch.zeros(B.shape, dtype=_WORK_DTYPE, device=B.device)
     b_new[:, :m] = (q_b @ u[:, :m]) * s
@@ -52,14 +50,54 @@ def refactorize(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     return b_new.to(B.dtype), a_new.to(A.dtype)
 
 
+def product_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD (U, S, V^T) of B A in float64, B A never formed; any inner rank, even above d_out or d_in.
+
+    U is d_out x m, S has m values in descending order, V^T is m x d_in, m = min(d_out, d_in, r).
+    The strategies that aggregate products of several clients (FlexLoRA, FedEx-LoRA) call it on
+    their stacked factors, whose inner rank is the sum of the clients' ranks.
+    """
+    _check_factors(B, A)
+    q_b, core, q_a = _qr_core(B, A)
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)  # kb x m, m, m x ka
+    return q_b @ u, s, vh @ q_a.T
+
+
+def numerical_rank(s: Tensor, scale: float, size: int) -> int:
+    """How many singular values stand above rounding error (eps * size * scale, scale the product's bound)."""
+    tolerance = torch.finfo(s.dtype).eps * size * scale
+    return int((s > tolerance).sum())
+
+
+def low_rank(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """B A re-factorized to its numerical rank q as balanced factors (d_out x q, q x d_in), float64."""
+    u, s, vh = product_svd(b, a)
+    scale = float(torch.linalg.matrix_norm(b) * torch.linalg.matrix_norm(a))
+    q = numerical_rank(s, scale, max(b.shape[0], a.shape[1], b.shape[1]))
+    root = s[:q].sqrt()
+    return u[:, :q] * root, root[:, None] * vh[:q]
+
+
+def _qr_core(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(q_b, core, q_a) in float64 with B A = q_b core q_a^T, q_b and q_a orthonormal columns.
+
+    Reduced QR of the tall-thin sides only (never a Cholesky of the Gram matrix, which may be
+    singular): q_b is d_out x kb, q_a is d_in x ka, the core kb x ka with kb = min(d_out, r),
+    ka = min(d_in, r), so the SVD of the small core gives the SVD of B A.
+    """
+    q_b, r_b = torch.linalg.qr(B.to(_WORK_DTYPE))  # d_out x kb, kb x r
+    q_a, r_a = torch.linalg.qr(A.to(_WORK_DTYPE).T)  # d_in x ka, ka x r
+    return q_b, r_b @ r_a.T, q_a
+
+
 def _check_factors(B: Tensor, A: Tensor) -> None:
     """Raise ValueError unless B (d_out x r) and A (r x d_in) are a LoRA factor pair."""
     if B.ndim != 2 or A.ndim != 2:
-        raise ValueError(f"refactorize: B and A must be 2-D, got shapes {tuple(B.shape)} and {tuple(A.shape)}")
+        raise ValueError(f"factors: B and A must be 2-D, got shapes {tuple(B.shape)} and {tuple(A.shape)}")
     if B.shape[1] != A.shape[0]:
-        raise ValueError(f"refactorize: B is {tuple(B.shape)} and A is {tuple(A.shape)}; B must be d_out x r and A r x d_in")
+        raise ValueError(f"factors: B is {tuple(B.shape)} and A is {tuple(A.shape)}; B must be d_out x r and A r x d_in")
     if B.shape[1] == 0:
-        raise ValueError("refactorize: rank r must be at least 1")
+        raise ValueError("factors: rank r must be at least 1")
 
 
 # --- Flower strategy ---

@@ -38,6 +38,10 @@ class FFALoRA(LoraStrategy):
     description = "FFA-LoRA: A frozen from the seed, clients train and send B only; exact averaging"
     trains = "B"
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._digest, self._digest_of = "", None  # the broadcast A's digest, and the state it is of
+
     def initial_state(self, state: LoraState) -> LoraState:
         """Replace A by the seeded shared A and start B at zero."""
         factors = {}
@@ -51,10 +55,16 @@ class FFALoRA(LoraStrategy):
 
     def check_update(self, update: ClientUpdate) -> str | None:
         """Refuse a reply trained against another A."""
-        expected = self.global_state.digest("A")
+        expected = self._broadcast_digest()
         if update.info.get("a-digest") != expected:
             return f"a-digest mismatch: trained with A {update.info.get('a-digest', 'missing')[:12]}, broadcast {expected[:12]}"
         return None
+
+    def _broadcast_digest(self) -> str:
+        """The digest of the broadcast A, hashed once a round rather than once a reply."""
+        if self._digest_of is not self.global_state:
+            self._digest, self._digest_of = self.global_state.digest("A"), self.global_state
+        return self._digest
 
     def aggregate_factors(self, global_state: LoraState, updates: list[LoraState], weights: torch.Tensor) -> LoraState:
         """A stays; B <- sum p_k B_k."""

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import pytest
@@ -22,10 +26,51 @@ TINY: dict[str, Any] = {
 }
 
 
+# The causal-LM counterpart: a tiny Llama (hidden 32, 2 layers) on the built-in instruction task.
+CAUSAL: dict[str, Any] = {
+    "seed": 7,
+    "model": {"task": "causal_lm", "name": "tiny-llama", "max_length": 48, "lora_rank": 4, "lora_alpha": 8},
+    "data": {"num_train": 120, "num_test": 24, "partition": "iid", "exact_match_examples": 16},
+    "federation": {"num_clients": 3, "clients_per_round": 3, "rounds": 2, "local_steps": 3, "batch_size": 8, "lr": 5e-3},
+}
+
+
+def causal_config(*overrides: str, output_dir: str | None = None) -> ExperimentConfig:
+    """The tiny causal-LM experiment used by fast tests, with `section.key=value` overrides."""
+    items = list(overrides) + ([f"output.dir={output_dir!r}"] if output_dir else [])
+    return config_from_dict(CAUSAL, items)
+
+
 def tiny_config(*overrides: str, output_dir: str | None = None) -> ExperimentConfig:
     """The tiny-transformer experiment used by fast tests, with `section.key=value` overrides."""
     items = list(overrides) + ([f"output.dir={output_dir!r}"] if output_dir else [])
     return config_from_dict(TINY, items)
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    """`fedlora ARGS` in this process (where fedlora is imported already: no start-up cost);
+    returns the exit code and what it printed on stdout and stderr."""
+    from fedlora import cli
+
+    buffer = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["fedlora", *args])
+        patch.setattr(sys, "stdout", buffer)  # the CLI console writes to whatever sys.stdout is
+        patch.setattr(sys, "stderr", buffer)
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as done:
+            code = int(done.code or 0)
+    return code, buffer.getvalue()
+
+
+def one_line_refusal(*args: str) -> str:
+    """`fedlora ARGS` in this process must exit 2 with exactly one line and no traceback; that line."""
+    code, output = run_cli(*args)
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in output, f"exit code {code}: {output}"
+    return lines[0]
 
 
 def reply_from(node_id: int, content: RecordDict, message_type: str = MessageType.TRAIN) -> Message:
@@ -44,18 +89,79 @@ def reply_from(node_id: int, content: RecordDict, message_type: str = MessageTyp
     return Message(metadata=metadata, content=content)
 
 
+class SharedRay:
+    """One Ray instance, and its client actors, for every test module that asks for it
+    (`fedlora.simulation.one_ray_for_every_run` held open across modules): Ray's start-up and
+    a fresh pool of actors (about 15 s) are paid once, not once per module."""
+
+    def __init__(self) -> None:
+        self._held: ExitStack | None = None
+
+    def start(self) -> None:
+        from fedlora.simulation import one_ray_for_every_run
+
+        if self._held is None:
+            self._held = ExitStack()
+            self._held.enter_context(one_ray_for_every_run())
+
+    def stop(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
+
+
+@pytest.fixture(scope="session")
+def shared_ray() -> Iterator[SharedRay]:
+    ray = SharedRay()
+    yield ray
+    ray.stop()
+
+
+@pytest.fixture(scope="module")
+def one_ray(shared_ray: SharedRay) -> None:
+    """The module's simulations run in the shared Ray instance, as a sweep's variants do. Only for
+    modules whose runs all start Ray alike (no `ray_address`) and that do not count Ray's starts."""
+    shared_ray.start()
+
+
+@pytest.fixture(scope="module")
+def own_ray(shared_ray: SharedRay) -> None:
+    """The module's simulations start Ray themselves, as a run from the command line does (for
+    tests that count Ray's starts or look at the processes it starts): the shared one is stopped."""
+    shared_ray.stop()
+
+
+@pytest.fixture(scope="session")
+def datasets_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Tables `datasets` builds from test files go to a temporary cache, not the user's."""
+    import datasets
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf-datasets-cache"))
+        yield
+
+
 @pytest.fixture
 def tiny() -> ExperimentConfig:
     """The tiny experiment config."""
     return tiny_config()
 
 
-@pytest.fixture
-def flower_task():
+@contextmanager
+def task_identity() -> Iterator[None]:
     """Messages built outside a running Flower app need a task identity (restored after)."""
     from flwr.supercore.task_identity import TaskIdentity
 
     saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture
+def flower_task():
+    """A task identity for the test's hand-made messages."""
+    with task_identity():
+        yield

@@ -13,11 +13,14 @@ from hypothesis import strategies as st
 from fedlora.attacks import (
     DATA_ATTACKS,
     MODEL_ATTACKS,
+    Adversary,
+    adaptive,
     alie,
     alie_z,
     apply_model_attack,
     attack_parameters,
     choose_malicious,
+    defence_accepts,
     flip_labels,
     gaussian_noise,
     ipm,
@@ -37,7 +40,7 @@ def _updates(n_honest: int = 9, n_malicious: int = 3, dim: int = 40, seed: int =
 
 
 def test_registry_names_every_model_attack() -> None:
-    assert set(MODEL_ATTACKS) == {"sign_flip", "scaling", "gaussian_noise", "alie", "ipm", "min_max"}
+    assert set(MODEL_ATTACKS) == {"sign_flip", "scaling", "gaussian_noise", "alie", "ipm", "min_max", "adaptive"}
     assert DATA_ATTACKS == {"label_flip": flip_labels}
 
 
@@ -51,6 +54,10 @@ def test_scaling_multiplies() -> None:
     honest, own = _updates()
     assert torch.allclose(scaling(honest, own, factor=10.0), 10.0 * own)
     assert torch.allclose(scaling(honest, own), 10.0 * own)  # the default factor
+    # Model replacement: boost by the round's number of clients, 9 honest + 3 malicious.
+    assert torch.allclose(scaling(honest, own, factor="round_size"), 12.0 * own)
+    with pytest.raises(ValueError, match="round_size"):
+        scaling(honest, own, factor="clients")
 
 
 def test_gaussian_noise_is_seeded_and_has_sigma() -> None:
@@ -137,7 +144,7 @@ def test_min_max_bound_holds_for_any_shape(n: int, m: int, dim: int, seed: int) 
 def test_deterministic_attacks_keep_shape_and_dtype(n: int, m: int, dim: int, seed: int) -> None:
     honest, own = _updates(n_honest=n, n_malicious=m, dim=dim, seed=seed)
     own32, honest32 = own.float(), honest.float()
-    for name in ("sign_flip", "scaling", "alie", "ipm", "min_max"):
+    for name in ("sign_flip", "scaling", "alie", "ipm", "min_max", "adaptive"):
         # ALIE's default z is undefined once the attackers are a majority.
         params = {"z": 1.0} if name == "alie" else {}
         out = apply_model_attack(name, honest32, own32, seed, params)
@@ -168,6 +175,8 @@ def test_apply_model_attack_checks_names_and_parameters() -> None:
         ("alie", {"z": float("nan")}, "z"),
         ("min_max", {"perturbation": "cosine"}, "perturbation"),
         ("min_max", {"tol": 0.0}, "tol"),
+        ("adaptive", {"perturbation": "cosine"}, "perturbation"),
+        ("adaptive", {"gamma_init": -1.0}, "gamma_init"),
     ],
 )
 def test_bad_parameters_are_value_errors(name: str, params: dict, message: str) -> None:
@@ -208,3 +217,79 @@ def test_flip_labels_maps_y_to_c_minus_1_minus_y() -> None:
         flip_labels(torch.tensor([0, 5]), 5)
     with pytest.raises(ValueError, match="integer"):
         flip_labels(torch.tensor([0.0, 1.0]), 2)
+
+
+# ---------------------------------------------------------------- the adaptive attack
+
+
+def test_adaptive_without_a_defence_is_min_max_along_the_same_direction() -> None:
+    honest, own = _updates(n_honest=12, dim=30, seed=2)
+    for perturbation in ("std", "mean"):
+        expected = min_max(honest, own, perturbation=perturbation, gamma_init=1.0, tol=1e-6)
+        assert torch.allclose(adaptive(honest, own, perturbation=perturbation, tol=1e-6), expected)
+    assert attack_parameters("adaptive") == {"perturbation": "mean", "gamma_init": 1.0, "tol": 1e-3, "gamma_max": 1e6}
+
+
+def test_adaptive_finds_the_edge_of_a_known_threshold() -> None:
+    honest, own = _updates(n_honest=10, dim=20, seed=3)
+    mean = honest.mean(dim=0)
+    radius = 3.0 * float(torch.linalg.vector_norm(mean))
+
+    def accepts(vector: torch.Tensor) -> bool:  # a defence keeping updates within `radius` of 0
+        return float(torch.linalg.vector_norm(vector)) <= radius
+
+    out = adaptive(honest, own, None, accepts, tol=1e-8)
+    # Along -mean: ||(1 - gamma) mean|| = radius at gamma = 4.
+    gamma = 1.0 - float(out[0] @ mean / (mean @ mean))
+    assert torch.allclose(out, out[0].expand_as(out)) and gamma == pytest.approx(4.0, rel=1e-7)
+    assert accepts(out[0]) and not accepts(mean - 4.001 * mean)
+    # A rule that never binds: gamma_max; one that refuses even the mean: the mean itself.
+    assert torch.allclose(adaptive(honest, own, None, lambda v: True, gamma_max=64.0)[0], mean - 64.0 * mean)
+    assert torch.allclose(adaptive(honest, own, None, lambda v: False)[0], mean)
+
+
+def _defended_round(n: int = 24, m: int = 6, dim: int = 200) -> tuple[torch.Tensor, list[int]]:
+    g = torch.Generator().manual_seed(0)
+    updates = torch.randn(dim, generator=g) + 0.5 * torch.randn(n, dim, generator=g)
+    return updates, list(range(n - m, n))
+
+
+@pytest.mark.parametrize("name", ["krum", "multikrum", "bulyan", "zprobe", "zprobe_refined"])
+def test_adaptive_stays_just_inside_each_dropping_defence(name: str) -> None:
+    from strategies import DEFENCES
+
+    updates, bad = _defended_round()
+    defence = DEFENCES[name](0.25)
+    weights = torch.full((24,), 1 / 24, dtype=torch.float64)
+    honest = updates[[i for i in range(24) if i not in bad]]
+    accepts = defence_accepts(defence, updates, bad, weights, seed=5)
+    out = adaptive(honest, updates[bad], None, accepts, tol=1e-4)
+    mean = honest.double().mean(dim=0)
+    gamma = float((mean - out[0].double()) @ mean / (mean @ mean))  # out = mean - gamma * mean
+    assert gamma > 0, "the mean itself should pass every defence"
+    trial = updates.clone()
+    trial[bad] = out
+    kept = set(defence.screen(trial, weights, 5).kept)
+    assert (set(bad) <= kept) if name != "krum" else (kept <= set(bad))  # Krum keeps one: a malicious one
+    further = updates.clone()
+    further[bad] = (mean - 1.05 * gamma * mean).to(updates.dtype)
+    assert not accepts(further[bad[0]]), "5% further along, the defence should catch them"
+
+
+def test_the_adversary_hands_its_round_to_the_adaptive_attack() -> None:
+    from strategies.krum import MultiKrumDefence
+
+    updates, bad = _defended_round()
+    by_client = dict(enumerate(updates))
+    adversary = Adversary("adaptive", {"tol": 1e-4}, num_clients=24, fraction=0.25, seed=1)
+    adversary.malicious = frozenset(bad)  # fix who attacks for the check below
+    defence = MultiKrumDefence(0.25)
+    rewritten = adversary.rewrite(by_client, server_round=1, defence=defence, weights=dict.fromkeys(range(24), 10.0))
+    assert sorted(rewritten) == bad
+    trial = torch.stack([rewritten.get(c, by_client[c]) for c in range(24)])
+    assert set(bad) <= set(defence.screen(trial, torch.full((24,), 1 / 24), seed=0).kept)
+    # Without a defence (or behind the median) it obeys min-max's bound instead.
+    plain = adversary.rewrite(by_client, server_round=1)
+    honest = updates[[i for i in range(24) if i not in bad]]
+    expected = min_max(honest, updates[bad], perturbation="mean", gamma_init=1.0, tol=1e-4)
+    assert torch.allclose(torch.stack([plain[c] for c in bad]), expected)

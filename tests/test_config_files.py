@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-from fedlora import cli
 from fedlora.config import ConfigError, load_config, read_config_file
 from fedlora.sweep import load_sweep
+from tests.conftest import one_line_refusal
 
 SIMULATIONS = Path(__file__).resolve().parent.parent / "simulations"
 BASE = """
@@ -74,15 +73,9 @@ def test_a_bad_extends_is_refused_in_one_line_naming_the_file(tmp_path: Path, fi
     assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
-def test_the_cli_prints_a_bad_extends_in_one_line_and_exits_2(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_the_cli_prints_a_bad_extends_in_one_line_and_exits_2(tmp_path: Path) -> None:
     config = write(tmp_path, "a.toml", 'extends = "a.toml"')
-    monkeypatch.setattr(sys, "argv", ["fedlora", "simulate", str(config)])
-    with pytest.raises(SystemExit) as done:
-        cli.main()
-    output = capsys.readouterr()
-    assert done.value.code == 2 and "circle" in output.out + output.err and "Traceback" not in output.out + output.err
+    assert "circle" in one_line_refusal("simulate", str(config))
 
 
 def test_a_sweep_inherits_its_base_and_sweeps_over_it(tmp_path: Path) -> None:
@@ -100,3 +93,16 @@ def test_every_shipped_scenario_resolves(path: Path) -> None:
         assert load_sweep(path).variants
     else:
         load_config(path)
+
+
+def test_a_sweep_value_may_set_several_keys_of_a_section(tmp_path: Path) -> None:
+    sweep = write(
+        tmp_path,
+        "sweep.toml",
+        "[privacy]\ndelta = 1e-6\n[sweep]\n"
+        '"privacy" = [{enabled = false}, {enabled = true, epsilon = 1.0}, {enabled = true, epsilon = 8.0}]\n',
+    )
+    variants = load_sweep(sweep).variants
+    assert [(v.config.privacy.enabled, v.config.privacy.epsilon) for v in variants] == [(False, 3.0), (True, 1.0), (True, 8.0)]
+    assert all(v.config.privacy.delta == 1e-6 for v in variants)  # the rest of the section stays
+    assert variants[1].name == "privacy-enabled-true+epsilon-1.0"

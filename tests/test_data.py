@@ -13,6 +13,8 @@ from fedlora.data.builtin import TextExamples
 from fedlora.data.partition import partition_examples
 from fedlora.data.sources import load_data
 
+pytestmark = pytest.mark.usefixtures("datasets_cache")
+
 EXAMPLES = TextExamples(
     texts=[f"example {i}" for i in range(400)],
     labels=[i % 4 for i in range(400)],
@@ -67,6 +69,9 @@ def test_a_missing_column_is_a_config_error_naming_it(tmp_path: Path) -> None:
         load_data(DataConfig(source=str(path)), seed=0)
 
 
-def test_an_unknown_source_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="data.source"):
-        load_data(DataConfig(source="somewhere.parquet"), seed=0)
+def test_an_unknown_source_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.source: file not found"):
+        load_data(DataConfig(source=str(tmp_path / "somewhere.parquet")), seed=0)
+    (tmp_path / "table.xlsx").write_bytes(b"PK")
+    with pytest.raises(ConfigError, match="data.source: .*table.xlsx is not a .csv / .jsonl / .json / .parquet file"):
+        load_data(DataConfig(source=str(tmp_path / "table.xlsx")), seed=0)

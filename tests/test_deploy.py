@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -34,6 +34,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 
 from clients.app import build_client_app, handle_train
 from fedlora import workspace
+from fedlora.certificates import CertificateError, write_certificates, write_supernode_key, write_supernode_keys
 from fedlora.config import ConfigError
 from fedlora.deploy import (
     DeployError,
@@ -41,19 +42,16 @@ from fedlora.deploy import (
     node_config_string,
     superlink_command,
     supernode_command,
-    write_certificates,
     write_connection,
-    write_supernode_key,
-    write_supernode_keys,
 )
 from fedlora.node import NodeExperiment, node_experiment
 from fedlora.results import read_history, read_summary
-from tests.conftest import TINY, tiny_config
+from tests.conftest import TINY, run_cli, tiny_config
 
 APP_DIR = Path(__file__).resolve().parents[1]
 NUM_NODES = 3
-RUN_TIMEOUT = 420.0  # seconds for the whole `flwr run` (about 100 on two idle cores)
-STARTUP_TIMEOUT = 60.0
+RUN_TIMEOUT = 900.0  # seconds for one `fedlora deploy run` (about 100 on two idle cores; far more on busy ones)
+STARTUP_TIMEOUT = 150.0  # Flower processes importing torch on a shared, busy machine
 
 
 def free_port() -> int:
@@ -92,10 +90,12 @@ class Processes:
     def log(self, name: str, tail: int = 3000) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")[-tail:]
 
-    def stop(self) -> None:
-        """Terminate every started process and its descendants (found before the parents go)."""
+    def stop(self, *names: str) -> None:
+        """Terminate the named processes (every one, without names) and their descendants, found
+        before the parents go."""
+        chosen = [self.started[name] for name in names] if names else list(self.started.values())
         tree: list[psutil.Process] = []
-        for process in self.started.values():
+        for process in chosen:
             try:
                 parent = psutil.Process(process.pid)
                 tree += [parent, *parent.children(recursive=True)]
@@ -113,12 +113,13 @@ class Processes:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(alive, timeout=5)
-        for process in self.started.values():
+        for process in chosen:
             if process.poll() is None:
                 process.kill()
             process.wait(timeout=5)
-        for handle in self.handles:
-            handle.close()
+        if not names:
+            for handle in self.handles:
+                handle.close()
 
 
 def fedlora(*args: str) -> list[str]:
@@ -132,13 +133,14 @@ def node_env(base: dict[str, str], home: Path) -> dict[str, str]:
     return env
 
 
-def wait_for(check, timeout: float, what: str, log: str = "") -> None:
+def wait_for(check: Callable[[], bool], timeout: float, what: str, log: Callable[[], str] = str) -> None:
+    """Poll `check` until it holds; past `timeout`, fail with `log()` (read then, not before)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
         time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}\n{log}")
+    raise AssertionError(f"timed out waiting for {what}\n{log()}")
 
 
 def listening(port: int) -> bool:
@@ -151,7 +153,8 @@ class Deployment:
     """What the deployment left behind for the assertions."""
 
     run_dir: Path
-    run_status: str
+    run_exit: int
+    run_output: str
     node_ids: list[int]
     online: dict[int, str]
     rogue_exit: int | None
@@ -159,7 +162,8 @@ class Deployment:
     own_data_log: str
     own_data: Path
     own_data_size: int
-    run_log: str
+    colliding_exit: int
+    colliding_output: str
 
 
 def write_own_data(path: Path) -> int:
@@ -175,6 +179,30 @@ def write_own_data(path: Path) -> int:
     return len(share.texts)
 
 
+def write_run_config(path: Path, run_dir: Path, name: str) -> Path:
+    """The run config `flwr run` takes: the tiny experiment as overrides of quickstart.toml."""
+    name_items = [f"output.name={json.dumps(name)}"]
+    path.write_text(
+        f"experiment = {json.dumps('simulations/quickstart.toml')}\n"
+        f"overrides = {json.dumps(';'.join(run_overrides(TINY) + name_items))}\n"
+        f"run-dir = {json.dumps(str(run_dir))}\n"
+    )
+    return path
+
+
+def deployment_env(root: Path) -> dict[str, str]:
+    """The environment of every process a deployment test starts (this checkout first on the path)."""
+    env = flower_env()
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        OMP_NUM_THREADS="1",  # three nodes' ClientApps share the cores
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join([str(APP_DIR), env.get("PYTHONPATH", "")]),
+    )
+    return env
+
+
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     root = tmp_path_factory.mktemp("deploy")
@@ -184,17 +212,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     own_data = root / "client0.csv"
     own_data_size = write_own_data(own_data)
 
-    base_env = flower_env()
-    base_env.update(
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        OMP_NUM_THREADS="1",  # three nodes' ClientApps share the cores
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=os.pathsep.join([str(APP_DIR), base_env.get("PYTHONPATH", "")]),
-    )
+    base_env = deployment_env(root)
     cli_env = node_env(base_env, root / "home-cli")
-    link_port = free_port()
-    address = f"127.0.0.1:{link_port}"
+    fleet_port, control_port = free_port(), free_port()
+    fleet = f"127.0.0.1:{fleet_port}"
     processes = Processes(root)
     try:
         superlink = processes.start(
@@ -204,26 +225,28 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 "superlink",
                 "--certs",
                 str(certs),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(link_port),
+                "--fleet-address",
+                fleet,
+                "--control-address",
+                f"127.0.0.1:{control_port}",
+                "--runtime-port",
+                str(free_port()),
                 "--database",
                 ":flwr-in-memory:",
-            ),
+            ),  # fmt: skip
             node_env(base_env, root / "home-superlink"),
             root,
         )
         wait_for(
-            lambda: listening(link_port) or superlink.poll() is not None,
+            lambda: listening(control_port) or superlink.poll() is not None,
             STARTUP_TIMEOUT,
             "the SuperLink",
-            processes.log("superlink"),
+            lambda: processes.log("superlink"),
         )
         assert superlink.poll() is None, processes.log("superlink")
 
         subprocess.run(
-            fedlora("deploy", "connection", "--address", address, "--ca", str(certs / "ca.crt")),
+            fedlora("deploy", "connection", "--address", f"127.0.0.1:{control_port}", "--ca", str(certs / "ca.crt")),
             env=cli_env,
             check=True,
             cwd=root,
@@ -241,97 +264,43 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         def supernode(name: str, key: Path, home: str, *where: str) -> subprocess.Popen:
             """Start `fedlora deploy supernode` against this SuperLink with `key`, on a free port."""
             command = fedlora(
-                "deploy", "supernode", "--superlink", address, "--ca", str(certs / "ca.crt"),
+                "deploy", "supernode", "--superlink", fleet, "--ca", str(certs / "ca.crt"),
                 "--key", str(key), "--port", str(free_port()), *where,
             )  # fmt: skip
             return processes.start(name, command, node_env(base_env, root / home), root)
 
+        def partition(i: int) -> list[str]:
+            return ["--partition-id", str(i), "--num-partitions", str(NUM_NODES)]
+
         for i in range(NUM_NODES):
-            where = (
-                ["--data-path", str(own_data), "--client-id", "0", "--device", "cpu"]
-                if i == 0
-                else ["--partition-id", str(i), "--num-partitions", str(NUM_NODES)]
-            )
+            where = ["--data-path", str(own_data), "--client-id", "0", "--device", "cpu"] if i == 0 else partition(i)
             supernode(f"supernode-{i}", keys[i].private, f"home-node{i}", *where)
         rogue = supernode(
-            "supernode-unregistered", keys[NUM_NODES].private, "home-rogue",
-            "--partition-id", "0", "--num-partitions", str(NUM_NODES), "--", "--max-retries", "3",
-        )  # fmt: skip
+            "supernode-unregistered", keys[NUM_NODES].private, "home-rogue", *partition(0), "--", "--max-retries", "3"
+        )
+
+        def deploy_run(name: str) -> subprocess.CompletedProcess[str]:
+            """`fedlora deploy run` of the tiny experiment; it returns when the run has ended."""
+            run_config = write_run_config(root / f"{name}.toml", root / "runs", name)
+            command = fedlora("deploy", "run", "--run-config", str(run_config), "--app", str(APP_DIR))
+            try:
+                return subprocess.run(
+                    command, env=cli_env, cwd=root, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
+                )
+            except subprocess.TimeoutExpired as late:  # keep what it printed, for the failure message
+                history = root / "runs" / name / "history.jsonl"
+                rounds = history.read_text().count("\n") if history.exists() else 0
+                printed = b"\n".join(part for part in (late.stdout, late.stderr) if part)  # bytes, whatever `text` says
+                output = f"{printed.decode(errors='replace')}\ntimed out after {RUN_TIMEOUT:.0f} s, {rounds} history lines"
+                return subprocess.CompletedProcess(command, 124, output, "")
+
+        completed = deploy_run("deployed")  # meanwhile the unregistered node retries, and gives up
         wait_for(
             lambda: rogue.poll() is not None,
             STARTUP_TIMEOUT,
             "the unregistered SuperNode to be turned away",
-            processes.log("supernode-unregistered"),
+            lambda: processes.log("supernode-unregistered"),
         )
-
-        run_dir = root / "runs"
-        run_config = root / "run-config.toml"
-        name_items = [f"output.name={json.dumps('deployed')}"]
-        run_config.write_text(
-            f"experiment = {json.dumps('simulations/quickstart.toml')}\n"
-            f"overrides = {json.dumps(';'.join(run_overrides(TINY) + name_items))}\n"
-            f"run-dir = {json.dumps(str(run_dir))}\n"
-        )
-        submitted = subprocess.run(
-            [
-                str(Path(sys.executable).parent / "flwr"),
-                "run",
-                str(APP_DIR),
-                "fedlora",
-                "--run-config",
-                str(run_config),
-                "--format",
-                "json",
-            ],
-            env=cli_env,
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-        run_id = json.loads(submitted.stdout[submitted.stdout.index("{") :])["run-id"]
-
-        def run_status() -> str:
-            listed = subprocess.run(
-                [str(Path(sys.executable).parent / "flwr"), "list", "fedlora", "--run-id", str(run_id), "--format", "json"],
-                env=cli_env,
-                cwd=root,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
-            try:
-                return json.loads(listed.stdout[listed.stdout.index("{") :])["runs"][0]["status"]
-            except (ValueError, KeyError, IndexError):
-                return "unknown"
-
-        # Watch for the summary the ServerApp writes last; ask Flower (a CPU-hungry CLI call)
-        # only now and then, to notice a failed run early.
-        status = "unknown"
-        deadline = time.monotonic() + RUN_TIMEOUT
-        next_check = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if (run_dir / "deployed" / "summary.json").exists() or time.monotonic() > next_check:
-                status = run_status()
-                if status.startswith("finished"):
-                    break
-                next_check = time.monotonic() + 30
-            time.sleep(1)
-        run_log = ""
-        if status != "finished:completed":  # the ServerApp's own words, for the failure message
-            shown = subprocess.run(
-                [str(Path(sys.executable).parent / "flwr"), "log", str(run_id), "fedlora", "--show"],
-                env=cli_env,
-                cwd=root,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
-            run_log = (shown.stdout + shown.stderr)[-4000:]
         nodes = subprocess.run(
             [str(Path(sys.executable).parent / "flwr"), "supernode", "list", "fedlora", "--format", "json"],
             env=cli_env,
@@ -342,9 +311,15 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             check=False,
         )
         listing = json.loads(nodes.stdout[nodes.stdout.index("{") :])
+        # Node 2 comes back claiming node 1's client id: the ServerApp must refuse to start the
+        # federation, and the operator's command must say so with its exit status.
+        processes.stop("supernode-2")
+        supernode("supernode-2-colliding", keys[2].private, "home-node2-colliding", *partition(1))
+        colliding = deploy_run("colliding")
         deployment = Deployment(
-            run_dir=run_dir / "deployed",
-            run_status=status,
+            run_dir=root / "runs" / "deployed",
+            run_exit=completed.returncode,
+            run_output=(completed.stdout + completed.stderr)[-6000:],
             node_ids=[int(pair["node-id"]) for pair in _registered(registered.stdout)],
             online={int(node["node-id"]): str(node["status"]) for node in listing.get("nodes", [])},
             rogue_exit=rogue.poll(),
@@ -352,7 +327,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             own_data_log=processes.log("supernode-0", tail=200_000),
             own_data=own_data.resolve(),
             own_data_size=own_data_size,
-            run_log=run_log,
+            colliding_exit=colliding.returncode,
+            colliding_output=(colliding.stdout + colliding.stderr)[-6000:],
         )
     finally:
         processes.stop()
@@ -367,7 +343,7 @@ def _registered(stdout: str) -> list[dict]:
 @pytest.mark.deploy
 @pytest.mark.e2e
 def test_a_secured_deployment_runs_two_rounds_and_writes_the_run_directory(deployment: Deployment) -> None:
-    assert deployment.run_status == "finished:completed", f"run status {deployment.run_status}:\n{deployment.run_log}"
+    assert deployment.run_exit == 0 and ": finished:completed" in deployment.run_output, deployment.run_output
     history = read_history(deployment.run_dir)
     assert [line["round"] for line in history] == [0, 1, 2]
     for line in history[1:]:
@@ -377,6 +353,14 @@ def test_a_secured_deployment_runs_two_rounds_and_writes_the_run_directory(deplo
     adapter = deployment.run_dir / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     assert json.loads((deployment.run_dir / "config.json").read_text())["model"]["name"] == "tiny"
+
+
+@pytest.mark.deploy
+@pytest.mark.e2e
+def test_a_federation_the_server_refuses_to_start_fails_the_operators_command(deployment: Deployment) -> None:
+    output = deployment.colliding_output
+    assert deployment.colliding_exit == 1, output
+    assert "finished:failed" in output and "two nodes claim the same client id" in output, output
 
 
 @pytest.mark.deploy
@@ -427,24 +411,24 @@ def test_supernode_keys_are_nist_ec_pairs_that_flower_accepts(tmp_path: Path) ->
 def test_existing_certificates_and_keys_are_kept_unless_forced(tmp_path: Path) -> None:
     write_certificates(tmp_path, ["a.lan"])
     before = (tmp_path / "ca.crt").read_bytes()
-    with pytest.raises(DeployError, match="--force"):
+    with pytest.raises(CertificateError, match="--force"):
         write_certificates(tmp_path, ["a.lan"])
     assert (tmp_path / "ca.crt").read_bytes() == before
     write_certificates(tmp_path, ["a.lan"], force=True)
     assert (tmp_path / "ca.crt").read_bytes() != before
     write_supernode_key(tmp_path, "jetson")
-    with pytest.raises(DeployError, match="--force"):
+    with pytest.raises(CertificateError, match="--force"):
         write_supernode_key(tmp_path, "jetson")
-    with pytest.raises(DeployError, match="host name"):
+    with pytest.raises(CertificateError, match="host name"):
         write_certificates(tmp_path / "other", ["not a host"])
 
 
 def test_the_superlink_runs_with_tls_and_supernode_auth_and_says_which_file_is_missing(tmp_path: Path) -> None:
     with pytest.raises(DeployError, match="ca.crt.*fedlora deploy certs"):
-        superlink_command(tmp_path)
+        superlink_command(tmp_path, "10.1.2.3:9092")
     write_certificates(tmp_path, [])
-    command = superlink_command(tmp_path, port=9999, database=tmp_path / "state.db")
-    assert Path(command[0]).name == "flower-superlink"
+    command = superlink_command(tmp_path, "10.1.2.3:9999", runtime_port=9991, database=tmp_path / "state.db")
+    assert command[:3] == [sys.executable, "-m", "fedlora.superlink"]
     for flag in (
         "--ssl-ca-certfile",
         "--ssl-certfile",
@@ -453,10 +437,17 @@ def test_the_superlink_runs_with_tls_and_supernode_auth_and_says_which_file_is_m
         "--disable-runtime-dependency-installation",
     ):
         assert flag in command
-    assert "--insecure" not in command and command[command.index("--port") + 1] == "9999"
+    assert "--insecure" not in command and "--host" not in command and "--port" not in command
+    for flag, value in [
+        ("--fleet-address", "10.1.2.3:9999"),
+        ("--control-address", "127.0.0.1:9093"),  # loopback unless asked otherwise
+        ("--runtime-port", "9991"),
+        ("--database", str(tmp_path / "state.db")),
+    ]:
+        assert command[command.index(flag) + 1] == value
     (tmp_path / "server.key").unlink()
     with pytest.raises(DeployError, match="server.key"):
-        superlink_command(tmp_path)
+        superlink_command(tmp_path, "10.1.2.3:9092")
 
 
 def test_a_supernode_command_carries_its_key_ca_and_node_config(tmp_path: Path) -> None:
@@ -604,33 +595,17 @@ def test_without_cuda_a_cuda_node_is_refused_before_training() -> None:
         node_experiment(tiny_config(), {"partition-id": 0, "device": "cuda"})
 
 
-def run_fedlora(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    from fedlora import cli
-
-    monkeypatch.setattr(sys, "argv", ["fedlora", *args])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as done:
-        code = int(done.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
-
-def test_fedlora_deploy_prints_the_flower_command_and_a_missing_file_in_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, output = run_fedlora(monkeypatch, capsys, "deploy", "superlink", "--certs", str(tmp_path), "--dry-run")
+def test_fedlora_deploy_prints_the_flower_command_and_a_missing_file_in_one_line(tmp_path: Path) -> None:
+    superlink = ["deploy", "superlink", "--certs", str(tmp_path), "--fleet-address", "10.1.2.3:9092"]
+    code, output = run_cli(*superlink, "--dry-run")
     assert code == 2 and "Traceback" not in output and "ca.crt" in output and "fedlora deploy certs" in output
-    code, output = run_fedlora(monkeypatch, capsys, "deploy", "certs", "--out", str(tmp_path), "--supernodes", "1")
+    code, output = run_cli("deploy", "certs", "--out", str(tmp_path), "--supernodes", "1")
     assert code == 0 and (tmp_path / "supernodes" / "supernode-0.key").is_file()
-    code, output = run_fedlora(
-        monkeypatch, capsys, "deploy", "superlink", "--certs", str(tmp_path), "--database", ":flwr-in-memory:", "--dry-run"
-    )
-    assert code == 0 and "flower-superlink" in output and "--enable-supernode-auth" in output
+    code, output = run_cli(*superlink, "--database", ":flwr-in-memory:", "--dry-run")
+    assert code == 0 and "fedlora.superlink" in output and "--enable-supernode-auth" in output
     key = str(tmp_path / "supernodes" / "supernode-0.key")
     supernode = ["deploy", "supernode", "--superlink", "server.lan:9092", "--ca", str(tmp_path / "ca.crt"), "--key", key]
-    code, output = run_fedlora(monkeypatch, capsys, *supernode, "--partition-id", "0", "--num-partitions", "3", "--dry-run")
+    code, output = run_cli(*supernode, "--partition-id", "0", "--num-partitions", "3", "--dry-run")
     assert code == 0 and "flower-supernode" in output and "partition-id=0 num-partitions=3" in output
-    code, output = run_fedlora(monkeypatch, capsys, *supernode, "--data-path", str(tmp_path / "none.csv"), "--client-id", "0")
+    code, output = run_cli(*supernode, "--data-path", str(tmp_path / "none.csv"), "--client-id", "0")
     assert code == 2 and "Traceback" not in output and "--data-path" in output

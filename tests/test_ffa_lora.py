@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedlora.lora import LoraState
+from fedlora.roster import Roster
 from strategies.base import ClientUpdate
 from strategies.ffa_lora import FFALoRA, aggregate_b, shared_a
 
@@ -38,7 +39,7 @@ def test_shared_a_depends_on_seed_and_layer_only() -> None:
 
 def test_initial_state_has_seeded_a_and_zero_b_and_a_foreign_a_is_refused() -> None:
     start = LoraState(factors={"q": {"A": torch.randn(2, 8), "B": torch.randn(8, 2)}})
-    strategy = FFALoRA({1: 0, 2: 1}, clients_per_round=2, seed=5)
+    strategy = FFALoRA(Roster.of({0: 10, 1: 10}), clients_per_round=2, seed=5)
     state = strategy.initial_state(start)
     assert torch.equal(state.factors["q"]["A"], shared_a(5, "q", 2, 8))
     assert not state.factors["q"]["B"].any()

@@ -21,16 +21,18 @@ from typing import Any
 
 import pytest
 
-from fedlora import cli
 from fedlora.config import load_config
 from fedlora.report import config_toml
 from fedlora.results import RoundRecord, RunRecorder, read_history
 from fedlora.sweep import load_sweep
-from tests.conftest import TINY
+from tests.conftest import TINY, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# The sweeps here start Ray themselves, as `fedlora compare` does: the tests count its starts.
+pytestmark = pytest.mark.usefixtures("own_ray")
 
 
 def write_sweep_config(path: Path, sweep: dict[str, list[Any]], rounds: int = 2) -> Path:
@@ -41,20 +43,6 @@ def write_sweep_config(path: Path, sweep: dict[str, list[Any]], rounds: int = 2)
     tree["sweep"] = sweep
     path.write_text(config_toml(tree))
     return path
-
-
-def run_cli(*args: str) -> tuple[int, str]:
-    """`fedlora ARGS` in this process; returns the exit code and what it printed."""
-    buffer = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", ["fedlora", *args])
-        patch.setattr(sys, "stdout", buffer)  # the CLI console writes to whatever sys.stdout is
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as done:
-            code = int(done.code or 0)
-    return code, buffer.getvalue()
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -81,15 +69,46 @@ def md_table(markdown: str, heading: str) -> list[dict[str, str]]:
 # --- a real tiny sweep: 2 strategies x 2 seeds, 2 rounds, 3 clients ----------------------------
 
 
+# The keyword arguments of every ray.init call the tiny sweep made (Flower's RayBackend calls it
+# when Ray is not running): a sweep's variants should share one Ray instance.
+TINY_SWEEP_RAY_INITS: list[dict[str, Any]] = []
+
+
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import ray
+
     base = tmp_path_factory.mktemp("compare")
     config = write_sweep_config(base / "tiny_compare.toml", {"strategy.name": ["fedit", "ffa_lora"], "seed": [0, 1]})
     out = base / "out"
-    code, output = run_cli("compare", str(config), "--out", str(out))
+    real_init = ray.init
+
+    def counted_init(*args, **kwargs):
+        TINY_SWEEP_RAY_INITS.append(kwargs)
+        return real_init(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ray, "init", counted_init)
+        code, output = run_cli("compare", str(config), "--out", str(out))
     assert code == 0, output
     assert str(out / "report.html") in output
     return out
+
+
+@pytest.mark.e2e
+def test_a_sweep_starts_ray_once_and_each_run_records_what_it_records_alone(tiny_sweep: Path, tmp_path: Path) -> None:
+    import ray
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    from fedlora.simulation import simulate
+
+    assert len(TINY_SWEEP_RAY_INITS) == 1 and TINY_SWEEP_RAY_INITS[0].get("include_dashboard") is False
+    assert not ray.is_initialized() and RayBackend.terminate.__name__ == "terminate"  # all undone after the sweep
+    last = load_sweep(tiny_sweep.parent / "tiny_compare.toml").variants[-1]
+    simulate(last.config, tmp_path / "alone")  # with a Ray of its own
+    timings = {"seconds", "server_seconds", "client_seconds"}
+    for ours, alone in zip(read_history(tiny_sweep / last.name), read_history(tmp_path / "alone"), strict=True):
+        assert {k: v for k, v in ours.items() if k not in timings} == {k: v for k, v in alone.items() if k not in timings}
 
 
 @pytest.mark.e2e
@@ -129,7 +148,7 @@ def test_the_summary_table_is_the_mean_and_std_over_seeds_sorted_with_the_winner
     for line in summary:
         values = finals[line["strategy.name"]]
         assert line["final accuracy"] == f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
-        assert line["seeds"] == "0, 1"
+        assert line["seeds"] == "2"  # how many seeds; the runs table lists them
     best = max(statistics.fmean(v) for v in finals.values())
     for line in summary:  # the winner is marked; variants tied with it too (a tiny model may tie)
         assert ("★" in line["rank"]) == (statistics.fmean(finals[line["strategy.name"]]) == best)
@@ -148,7 +167,7 @@ def test_the_summary_table_is_the_mean_and_std_over_seeds_sorted_with_the_winner
 def test_the_plots_exist_beside_the_markdown_and_inside_the_html(tiny_sweep: Path) -> None:
     markdown = (tiny_sweep / "report.md").read_text()
     html = (tiny_sweep / "report.html").read_text()
-    for name in ("accuracy", "bytes", "time"):
+    for name in ("accuracy", "loss", "accuracy_uplink", "bytes", "time"):
         png = (tiny_sweep / f"{name}.png").read_bytes()
         assert png.startswith(PNG_MAGIC) and len(png) > 10_000
         assert f"]({name}.png)" in markdown
@@ -249,7 +268,7 @@ def test_report_html_renders_in_headless_chromium_with_plots_and_filled_tables(t
         for row in table[1:]:
             assert all(row) and len(row) == len(table[0])
             assert re.fullmatch(r"\d\.\d{4}( ± \d\.\d{4})?", row[column]), row
-    assert len(dom.images) == 3
+    assert len(dom.images) == 5  # accuracy, loss, accuracy against uplink, bytes, time (no DP, no attack)
     for src in dom.images:
         assert src.startswith("data:image/png;base64,")
         image = png_image(base64.b64decode(src.split(",", 1)[1]))
@@ -292,9 +311,9 @@ def test_a_killed_sweep_resumes_without_rerunning_its_finished_runs(tmp_path: Pa
     assert not (out / "seed-1" / "summary.json").exists()
     kept = {p.name: p.stat().st_mtime_ns for p in (out / "seed-0").iterdir() if p.is_file()}
 
-    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=500)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "1 already finished" in again.stdout
+    code, again = run_cli("compare", str(config), "--out", str(out))  # in this process: no interpreter start-up
+    assert code == 0, again[-3000:]
+    assert "1 already finished" in again
     assert {p.name: p.stat().st_mtime_ns for p in (out / "seed-0").iterdir() if p.is_file()} == kept
     rows = read_csv(out / "results.csv")
     assert sorted(r["seed"] for r in rows) == ["0", "1"]
@@ -364,8 +383,9 @@ def test_report_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
     assert code == 2 and "no finished runs" in output
 
 
-def fake_simulate(config, run_dir, on_round=None):
-    """A stand-in for the simulation engine: a made-up history with DP and detection figures; seed 1 of ffa_lora fails."""
+def fake_simulate(config, run_dir, on_round=None, overwrite=False, stop=None):
+    """A stand-in for the simulation engine (as run_sweep calls it): a made-up history with DP and
+    detection figures; seed 1 of ffa_lora fails."""
     if config.strategy.name == "ffa_lora" and config.seed == 1:
         raise RuntimeError("client 2 ran out of memory")
     recorder = RunRecorder(run_dir, config)

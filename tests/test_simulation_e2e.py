@@ -15,7 +15,7 @@ from fedlora.results import read_history, read_summary
 from fedlora.simulation import simulate
 from tests.conftest import tiny_config
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_ray")]
 TIMING_KEYS = {"seconds", "server_seconds", "client_seconds"}
 
 
@@ -50,6 +50,24 @@ def test_the_global_adapter_changed_and_was_exported(fedit_run: Path) -> None:
     assert set(final.factors) == set(initial.factors)
     changed = [not torch.equal(final.factors[layer]["B"], initial.factors[layer]["B"]) for layer in initial.factors]
     assert all(changed)
+
+
+def test_peft_auto_class_alone_loads_the_run_adapter_with_the_final_logits(fedit_run: Path) -> None:
+    from peft import AutoPeftModelForSequenceClassification
+
+    from fedlora.model import evaluate
+
+    config = tiny_config()
+    task = workspace.federated_task(config)
+    test = workspace.test_examples(config)
+    auto = AutoPeftModelForSequenceClassification.from_pretrained(str(fedit_run / "adapter")).eval()
+    final_model = load_exported_adapter(config.model, task.num_labels, config.seed, fedit_run / "adapter").eval()
+    batch = test.batch(torch.arange(16))
+    batch.pop("labels")
+    with torch.no_grad():
+        torch.testing.assert_close(auto(**batch).logits, final_model(**batch).logits, rtol=0, atol=1e-6)
+    assert auto.config.id2label == dict(enumerate(task.class_names))
+    assert evaluate(auto, test)[0] == read_summary(fedit_run)["final_accuracy"]
 
 
 def test_the_exported_adapter_gives_the_logits_of_the_final_model(fedit_run: Path) -> None:

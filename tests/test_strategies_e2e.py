@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -14,15 +12,33 @@ from fedlora.results import read_history, read_summary
 from fedlora.simulation import simulate
 from tests.conftest import tiny_config
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_ray")]
 
 
-def run(tmp_path: Path, *overrides: str) -> tuple[list[dict], dict, LoraState]:
-    config = tiny_config(*overrides)
-    simulate(config, tmp_path / "run")
-    num_labels = workspace.federated_task(config).num_labels
-    final = LoraState.from_model(load_exported_adapter(config.model, num_labels, config.seed, tmp_path / "run" / "adapter"))
-    return read_history(tmp_path / "run"), read_summary(tmp_path / "run"), final
+DP = ("privacy.enabled=true", "privacy.epsilon=3.0")
+# One federation per strategy; FedSVD's runs under DP, so that it serves both tests below.
+RUNS: dict[str, tuple[str, ...]] = {"ffa_lora": (), "fedsvd": DP, "lora_fair": (), "fedit": DP}
+
+
+def run_config(strategy: str):
+    return tiny_config(f"strategy.name={strategy!r}", *RUNS[strategy])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory):
+    """(history, summary, final global state) of a strategy's federation, simulated on first use."""
+    root, done = tmp_path_factory.mktemp("strategies-e2e"), {}
+
+    def run(strategy: str) -> tuple[list[dict], dict, LoraState]:
+        if strategy not in done:
+            config = run_config(strategy)
+            simulate(config, root / strategy)
+            num_labels = workspace.federated_task(config).num_labels
+            adapter = load_exported_adapter(config.model, num_labels, config.seed, root / strategy / "adapter")
+            done[strategy] = (read_history(root / strategy), read_summary(root / strategy), LoraState.from_model(adapter))
+        return done[strategy]
+
+    return run
 
 
 def b_bytes(state: LoraState) -> int:
@@ -30,9 +46,9 @@ def b_bytes(state: LoraState) -> int:
 
 
 @pytest.mark.parametrize("strategy", ["ffa_lora", "fedsvd", "lora_fair"])
-def test_each_strategy_runs_through_ray_and_changes_the_global_model(tmp_path: Path, strategy: str) -> None:
-    history, summary, final = run(tmp_path, f"strategy.name={strategy!r}")
-    config = tiny_config(f"strategy.name={strategy!r}")
+def test_each_strategy_runs_through_ray_and_changes_the_global_model(runs, strategy: str) -> None:
+    history, summary, final = runs(strategy)
+    config = run_config(strategy)
     initial = workspace.initial_state(config, workspace.federated_task(config).num_labels)
     assert summary["status"] == "finished" and [h["round"] for h in history] == [0, 1, 2]
     assert all(not torch.equal(final.factors[layer]["B"], initial.factors[layer]["B"]) for layer in final.factors)
@@ -47,8 +63,8 @@ def test_each_strategy_runs_through_ray_and_changes_the_global_model(tmp_path: P
 
 
 @pytest.mark.parametrize("strategy", ["fedsvd", "fedit"])
-def test_dp_federation_runs_through_ray_and_records_epsilon(tmp_path: Path, strategy: str) -> None:
-    history, summary, _ = run(tmp_path, f"strategy.name={strategy!r}", "privacy.enabled=true", "privacy.epsilon=3.0")
+def test_dp_federation_runs_through_ray_and_records_epsilon(runs, strategy: str) -> None:
+    history, summary, _ = runs(strategy)
     epsilons = [h["epsilon_max"] for h in history[1:]]
     assert all(e is not None and 0 < e <= 3.0 for e in epsilons)
     assert epsilons[0] < epsilons[1]  # every client trains both rounds: epsilon composes

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from fedlora.lora import LoraState
+from fedlora.roster import Roster
 
 SHAPES = {  # (d_out, d_in) per projection of one Llama-7B decoder layer
     "q_proj": (4096, 4096),
@@ -67,7 +68,8 @@ def measure_one(strategy_name: str, layers: int, clients: int) -> dict[str, floa
 
     torch.set_num_threads(2)
     cls = STRATEGIES[strategy_name]
-    strategy = cls({i: i for i in range(clients)}, clients_per_round=clients, seed=0, train_head=False)
+    roster = Roster({i: i for i in range(clients)}, {i: 100 for i in range(clients)})
+    strategy = cls(roster, clients_per_round=clients, seed=0, train_head=False)
     baseline = resident_bytes(reset_peak=True)  # the process before any adapter
     global_state, updates = llama_states(layers, clients, cls.trains)
     strategy.global_state = strategy.initial_state(global_state)

@@ -78,6 +78,7 @@ def run_loop(config, run_dir: Path) -> dict[str, Any]:
     from clients.trainer import TrainPlan, train_local
     from fedlora import workspace
     from fedlora.model import evaluate, seeded
+    from fedlora.roster import Roster
     from fedlora.seeds import derive_seed
     from strategies import build_strategy
     from strategies.base import ClientUpdate
@@ -90,9 +91,9 @@ def run_loop(config, run_dir: Path) -> dict[str, Any]:
     model = workspace.lora_model(config, task.num_labels)
     federation = config.federation
     clients = {node: node for node in range(federation.num_clients)}  # node id = client id
-    for client_id in clients.values():  # what the server's handshake makes every client do
-        workspace.client_examples(config, client_id)
-    strategy = build_strategy(config, clients)
+    # What the server's handshake makes every client do: load its data, declare its size.
+    roster = Roster(clients, {client: len(workspace.client_examples(config, client)) for client in clients.values()})
+    strategy = build_strategy(config, roster)
     state = strategy.initial_state(workspace.initial_state(config, task.num_labels))
 
     def evaluate_state() -> None:
@@ -118,7 +119,7 @@ def run_loop(config, run_dir: Path) -> dict[str, Any]:
             with seeded(plan.seed):  # as the ClientApp does: dropout draws from the global generator
                 result = train_local(model, examples, plan)
             trained = result.state.select(plan.trains, plan.train_head)
-            updates.append(ClientUpdate(client_id, trained, len(examples), {"train-loss": result.loss}, {}))
+            updates.append(ClientUpdate(client_id, trained, strategy.weights[client_id], {"train-loss": result.loss}, {}))
         with torch.no_grad():
             state = strategy._aggregate(updates)
         evaluate_state()

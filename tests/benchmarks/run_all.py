@@ -5,7 +5,14 @@
 - fedsvd layer   (bench_fedsvd_layer)  FedSVD refactorization, factored vs dense SVD
 - aggregation    (bench_aggregation)   server aggregation per strategy, Llama-7B-shaped layers
                                        (one subprocess per strategy: its own peak memory)
+- reply path     (bench_reply_path)    each strategy's whole aggregate_train / Flower's FedAvg
+                                       aggregation, on the same replies, in one process
+- loaded         (bench_loaded)        aggregate_train quiet and beside busy processes, against
+                                       the fair share of the cores (runnable threads / cores)
+- hetero         (bench_hetero)        FLoRA, FlexLoRA, FedEx-LoRA, FedSA-LoRA, RoLoRA: a 7B-shaped
+                                       layer's server round, factored vs the peers' dense computation
 - dp step        (bench_dp_step)       a client step under DP-SGD vs without, B-only and A+B
+- causal dp step (bench_causal_dp_step) a tiny Llama's step: DP with ghost clipping, with hooks, none
 - simulation     (bench_simulation)    Flower's Ray engine vs a plain loop (a fresh process each)
 
 The quick sizes keep the whole run within a few minutes on two cores; --full uses each
@@ -27,6 +34,10 @@ from typing import Any
 
 # The DP step's target (the issue's): on CPU, B-only DP/no-DP below this.
 DP_TARGET = 1.3
+# The reply path's (issue 18): FedIT's aggregate_train at most Flower's FedAvg time.
+REPLY_PATH_TARGET = 1.0
+# Aggregation beside busy clients (issue 18): at most this many times its fair share.
+LOADED_TARGET = 1.25
 
 
 def run_fedsvd(full: bool) -> dict[str, Any]:
@@ -46,11 +57,40 @@ def run_aggregation(full: bool) -> dict[str, Any]:
     return bench_aggregation.main() if full else bench_aggregation.main(layers=4, clients=10)
 
 
+def run_reply_path(full: bool) -> dict[str, Any]:
+    """Reply path: aggregate_train / Flower FedAvg per strategy, Llama-7B-shaped replies."""
+    from tests.benchmarks import bench_reply_path
+
+    return bench_reply_path.main() if full else bench_reply_path.main(layers=4)
+
+
+def run_loaded(full: bool) -> dict[str, Any]:
+    """Loaded: aggregate_train beside three busy processes / its fair share, per strategy."""
+    from tests.benchmarks import bench_loaded
+
+    return bench_loaded.main(layers=8 if full else 4)
+
+
+def run_hetero(full: bool) -> dict[str, Any]:
+    """Heterogeneous-rank strategies: factored seconds a layer and dense / factored ratios."""
+    from tests.benchmarks import bench_hetero
+
+    # Half the Llama-7B dimensions, as for fedsvd: the dense SVDs take seconds here, not minutes.
+    return bench_hetero.main() if full else bench_hetero.main(scale=0.5, repeats=1)
+
+
 def run_dp_step(full: bool) -> dict[str, Any]:
     """DP step: DP/no-DP per choice of trained factors, default model."""
     from tests.benchmarks import bench_dp_step
 
     return bench_dp_step.main() if full else bench_dp_step.main(steps=8, warmup=2)
+
+
+def run_causal_dp_step(full: bool) -> dict[str, Any]:
+    """Causal DP step: ghost and hooks against no DP, the tiny Llama of instruct_tiny.toml."""
+    from tests.benchmarks import bench_causal_dp_step
+
+    return bench_causal_dp_step.main() if full else bench_causal_dp_step.main(steps=8, warmup=2)
 
 
 def run_simulation(full: bool) -> dict[str, Any]:
@@ -63,7 +103,11 @@ def run_simulation(full: bool) -> dict[str, Any]:
 SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "fedsvd": run_fedsvd,
     "aggregation": run_aggregation,
+    "reply_path": run_reply_path,
+    "loaded": run_loaded,
+    "hetero": run_hetero,
     "dp_step": run_dp_step,
+    "causal_dp_step": run_causal_dp_step,
     "simulation": run_simulation,
 }
 
@@ -81,6 +125,30 @@ def summary_lines(name: str, figures: dict[str, Any]) -> list[str]:
             + (f" ({row['above_baseline_ratio']:.2f}x above the process's own)" if "above_baseline_ratio" in row else "")
             for strategy, row in figures.items()
         ]
+    if name == "reply_path":
+        return [
+            f"reply path {strategy}: aggregate_train / Flower FedAvg {row['ratio']:.2f}x ({row['seconds']:.3f} s"
+            f" / {row['flower_seconds']:.3f} s)"
+            + (
+                f" (target <= {REPLY_PATH_TARGET}: {'met' if row['ratio'] <= REPLY_PATH_TARGET else 'NOT met'})"
+                if strategy == "fedit"
+                else ""
+            )
+            for strategy, row in figures.items()
+        ]
+    if name == "loaded":
+        return [
+            f"loaded {strategy}: beside busy processes {row['loaded_s']:.3f} s / fair share {row['fair_s']:.3f} s"
+            f" = {row['ratio']:.2f}x (quiet {row['quiet_s']:.3f} s; target <= {LOADED_TARGET}:"
+            f" {'met' if row['ratio'] <= LOADED_TARGET else 'NOT met'}); CPU time loaded / quiet {row['cpu_ratio']:.2f}"
+            for strategy, row in figures.items()
+        ]
+    if name == "hetero":
+        return [
+            f"hetero {method}: {row['factored_s']:.2f} s a decoder layer"
+            + (f", dense / factored {row['ratio']:.1f}x" if "ratio" in row else " (no dense counterpart)")
+            for method, row in figures.items()
+        ]
     if name == "dp_step":
         lines = []
         for trains, row in figures.items():
@@ -93,6 +161,12 @@ def summary_lines(name: str, figures: dict[str, Any]) -> list[str]:
                 line += f"; per client round {row['round_ratio']:.2f}, first round {row['first_round_ratio']:.2f}"
             lines.append(line)
         return lines
+    if name == "causal_dp_step":
+        ghost, hooks = figures["ghost"], figures["hooks"]
+        return [
+            f"causal dp step (tiny Llama): ghost / no DP {ghost['ratio']:.2f}, hooks / no DP {hooks['ratio']:.2f},"
+            f" ghost / hooks {ghost['step_s'] / hooks['step_s']:.2f} per step"
+        ]
     if name == "simulation":
         ratios = figures["ratios"]
         return [

@@ -1,0 +1,304 @@
+"""The report's tables and notes, as rows of text cells that the HTML and Markdown pages both render."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedlora.report.data import NO_SPREAD, Comparison, RunResult, Variant, canonical, detection_of, format_value
+
+BASE_CONFIG_FILE = "config.toml"
+CAUSAL_NOTE = (
+    "Causal LM runs: accuracy is the exact match of greedy generations on the held-out prompts (data.exact_match_examples "
+    "of them), loss the held-out token loss on the answers, perplexity exp(loss); communication is uplink plus downlink "
+    "over the run in MB of 2^20 bytes, as FlowerTune's leaderboard reports it."
+)
+
+
+def byte_unit(peak: float) -> tuple[str, float]:
+    """The unit (and its size in bytes) to show `peak` bytes in."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if peak >= scale:
+            return unit, scale
+    return "bytes", 1.0
+
+
+@dataclass
+class Table:
+    """Rows of cells for both renderings; `text` columns are left-aligned, `highlight` is the winner row."""
+
+    headers: list[str]
+    rows: list[list[str]]
+    text: set[int] = field(default_factory=set)
+    highlight: set[int] = field(default_factory=set)
+
+
+def number(value: float | None, digits: int = 4) -> str:
+    """A figure with `digits` decimals, or a dash where it is not recorded."""
+    return NO_SPREAD if value is None else f"{value:.{digits}f}"
+
+
+def mean_std(mean: float | None, std: float | None, digits: int = 4) -> str:
+    """`mean ± std`, the mean alone for one value, a dash for none."""
+    if mean is None:
+        return NO_SPREAD
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def format_bytes(value: float | None) -> str:
+    """Bytes in a readable unit."""
+    if value is None:
+        return NO_SPREAD
+    unit, scale = byte_unit(value)
+    return f"{value / scale:.2f} {unit}" if scale > 1 else f"{value:.0f} bytes"
+
+
+def server_seconds(run: RunResult) -> float | None:
+    """Mean server seconds per trained round."""
+    return run.mean_per_round(lambda r: r.get("server_seconds"))
+
+
+def client_seconds(run: RunResult) -> float | None:
+    """Mean client seconds per trained round."""
+    return run.mean_per_round(lambda r: r.get("client_seconds"))
+
+
+def tpr(run: RunResult) -> float | None:
+    """Mean true positive rate of flagging attackers per round."""
+    return run.mean_per_round(lambda r: detection_of(r)[0])
+
+
+def fpr(run: RunResult) -> float | None:
+    """Mean false positive rate per round."""
+    return run.mean_per_round(lambda r: detection_of(r)[1])
+
+
+@dataclass
+class Column:
+    """A table column: its header, the cell it shows for a row's subject, and whether it is text."""
+
+    header: str
+    cell: Callable[[Any], str]
+    text: bool = False
+
+
+def _table(columns: list[Column], subjects: list[Any], highlight: set[int] | None = None) -> Table:
+    rows = [[column.cell(subject) for column in columns] for subject in subjects]
+    text = {i for i, column in enumerate(columns) if column.text}
+    return Table([c.header for c in columns], rows, text, highlight or set())
+
+
+def _setting_columns(comparison: Comparison, variant_of: Callable[[Any], Variant]) -> list[Column]:
+    """The variant's label where the variants are keyed (V1, V2, ...), else one column per setting
+    (the attack's own columns, where present, stand for attack.name and attack.fraction)."""
+    if comparison.keyed:
+        return [Column("variant", lambda s: variant_of(s).label, text=True)]
+    shown = [f for f in comparison.fields if not (comparison.has_attack and f in ("attack.name", "attack.fraction"))]
+    return [Column(f, lambda s, f=f: format_value(variant_of(s).settings[f]), text=True) for f in shown]
+
+
+def _attack_columns(comparison: Comparison, attacks_of: Callable[[Any], list[tuple[str, float]]]) -> list[Column]:
+    if not comparison.has_attack:
+        return []
+    return [
+        Column("attack", lambda s: ", ".join(name for name, _ in attacks_of(s)) or "none", text=True),
+        Column("attack fraction", lambda s: ", ".join(f"{fraction:g}" for _, fraction in attacks_of(s)) or NO_SPREAD),
+    ]
+
+
+def _defence_columns(comparison: Comparison, defences_of: Callable[[Any], list[str]]) -> list[Column]:
+    """The defence as the histories name it (zprobe and zprobe_refined are different rules)."""
+    if not comparison.has_defence:
+        return []
+    return [Column("defence", lambda s: ", ".join(defences_of(s)) or "none", text=True)]
+
+
+def summary_table(comparison: Comparison) -> Table:
+    """One row per variant, best mean final accuracy first, the winner marked."""
+    top = winners(comparison)
+    ranked = len(comparison.variants) > 1
+
+    def rank(variant: Variant) -> str:
+        if ranked and variant in top:
+            return "1 ★ tied" if len(top) > 1 else "1 ★ winner"
+        return str(comparison.variants.index(variant) + 1)
+
+    def stat(extract: Callable[[RunResult], float | None], digits: int = 4) -> Callable[[Variant], str]:
+        return lambda variant: mean_std(*variant.stat(extract), digits=digits)
+
+    columns = [
+        Column("rank", rank, text=True),
+        *_setting_columns(comparison, lambda v: v),
+        Column("seeds", lambda v: str(v.seed_count)),
+        *_attack_columns(comparison, lambda v: v.attacks),
+        *_defence_columns(comparison, lambda v: v.defences),
+        Column("final accuracy", stat(lambda run: run.final_accuracy)),
+        Column("best accuracy", stat(lambda run: run.best_accuracy)),
+    ]
+    if comparison.has_perplexity:
+        columns += [
+            Column("final perplexity", stat(lambda run: run.final_perplexity, 3)),
+            Column("communication (MB)", stat(lambda run: run.communication_mb, 2)),
+        ]
+    if comparison.has_epsilon:
+        columns += [
+            Column("final ε", stat(lambda run: run.final_epsilon, 2)),
+            Column("target ε", lambda v: _distinct(run.target_epsilon for run in v.runs)),
+        ]
+    columns += [
+        Column("uplink / run", lambda v: format_bytes(v.stat(lambda run: run.bytes_up)[0])),
+        Column("downlink / run", lambda v: format_bytes(v.stat(lambda run: run.bytes_down)[0])),
+        Column("server s / round", lambda v: number(v.stat(server_seconds)[0], 3)),
+        Column("client s / round", lambda v: number(v.stat(client_seconds)[0], 3)),
+    ]
+    if comparison.has_detection:
+        columns += [Column("TPR", stat(tpr, 3)), Column("FPR", stat(fpr, 3))]
+    return _table(columns, comparison.variants, set(range(len(top))) if ranked else set())
+
+
+def winners(comparison: Comparison) -> list[Variant]:
+    """The variant(s) with the best mean final accuracy: more than one on a tie."""
+    means = [v.stat(lambda run: run.final_accuracy)[0] for v in comparison.variants]
+    return [v for v, mean in zip(comparison.variants, means) if mean == means[0]]
+
+
+def runs_table(comparison: Comparison) -> Table:
+    """One row per run, in the order of the summary table."""
+    subjects = [(variant, run) for variant in comparison.variants for run in variant.runs]
+    columns = [
+        Column("run", lambda s: s[1].name, text=True),
+        *_setting_columns(comparison, lambda s: s[0]),
+        Column("seed", lambda s: format_value(s[1].seed)),
+        *_attack_columns(comparison, lambda s: [s[1].attack] if s[1].attack else []),
+        *_defence_columns(comparison, lambda s: s[1].defences),
+        Column("final accuracy", lambda s: number(s[1].final_accuracy)),
+        Column("best accuracy", lambda s: number(s[1].best_accuracy)),
+    ]
+    if comparison.has_perplexity:
+        columns += [
+            Column("final perplexity", lambda s: number(s[1].final_perplexity, 3)),
+            Column("communication (MB)", lambda s: number(s[1].communication_mb, 2)),
+        ]
+    if comparison.has_epsilon:
+        columns += [
+            Column("final ε", lambda s: number(s[1].final_epsilon, 2)),
+            Column("target ε", lambda s: _distinct([s[1].target_epsilon])),
+        ]
+    columns += [
+        Column("uplink", lambda s: format_bytes(s[1].bytes_up)),
+        Column("downlink", lambda s: format_bytes(s[1].bytes_down)),
+        Column("server s / round", lambda s: number(server_seconds(s[1]), 3)),
+        Column("client s / round", lambda s: number(client_seconds(s[1]), 3)),
+    ]
+    if comparison.has_detection:
+        columns += [Column("TPR", lambda s: number(tpr(s[1]), 3)), Column("FPR", lambda s: number(fpr(s[1]), 3))]
+    return _table(columns, subjects)
+
+
+def key_table(comparison: Comparison) -> Table:
+    """Where the variants are labelled V1, V2, ...: each label's settings, one column per differing key."""
+    columns = [Column("variant", lambda v: v.label, text=True)]
+    columns += [Column(f, lambda v, f=f: format_value(v.settings[f]), text=True) for f in comparison.fields]
+    return _table(columns, comparison.variants)
+
+
+def _distinct(values: Iterable[float | None]) -> str:
+    shown = sorted({v for v in values if v is not None})
+    return ", ".join(f"{v:g}" for v in shown) or NO_SPREAD
+
+
+def counted(count: int, noun: str) -> str:
+    """`1 run`, `2 runs`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def versions_table(comparison: Comparison) -> tuple[Table, bool]:
+    """Package versions; one column per distinct set (and whether there is more than one)."""
+    sets: dict[str, list[str]] = {}
+    recorded: dict[str, dict[str, str]] = {}
+    for run in comparison.runs:
+        versions = run.summary.get("versions") or {}
+        sets.setdefault(canonical(versions), []).append(run.name)
+        recorded.setdefault(canonical(versions), versions)
+    packages: list[str] = []
+    for versions in recorded.values():
+        packages += [p for p in versions if p not in packages]
+    if len(sets) == 1:
+        headers = ["package", "version"]
+    else:
+        headers = ["package", *(f"runs: {', '.join(names)}" for names in sets.values())]
+    rows = [[package, *(str(recorded[key].get(package, NO_SPREAD)) for key in sets)] for package in packages]
+    return Table(headers, rows, set(range(len(headers)))), len(sets) > 1
+
+
+def reproduce_table(comparison: Comparison) -> Table:
+    """The command that re-runs each run from config.toml."""
+    rows = [
+        [run.name, " ".join(f"--set {shlex.quote(item)}" for item in comparison.overrides[run.name])]
+        for variant in comparison.variants
+        for run in variant.runs
+    ]
+    return Table(["run", f"fedlora simulate {BASE_CONFIG_FILE} ..."], rows, {0, 1})
+
+
+def notes(comparison: Comparison) -> list[tuple[str, bool]]:
+    """What a reader must know before trusting the ranking: (text, is a warning)."""
+    found: list[tuple[str, bool]] = []
+    variants = comparison.variants
+    first = variants[0]
+    first_mean, first_std = first.stat(lambda run: run.final_accuracy)
+    if len(variants) == 1:
+        if len(first.runs) == 1:
+            found.append(("One run: nothing to rank.", False))
+        else:
+            found.append(
+                (
+                    f"One variant ({first.label}), {counted(first.seed_count, 'seed')}: nothing to rank; the tables show its spread.",
+                    False,
+                )
+            )
+    else:
+        second = variants[1]
+        second_mean, second_std = second.stat(lambda run: run.final_accuracy)
+        lead = first_mean - second_mean
+        text = (
+            f"Winner: {first.label}, final accuracy {mean_std(first_mean, first_std)} over {counted(first.seed_count, 'seed')}. "
+            f"Runner-up: {second.label}, {mean_std(second_mean, second_std)}."
+        )
+        spread = max(first_std or 0.0, second_std or 0.0)
+        if lead == 0:
+            tied = winners(comparison)
+            found.append(
+                (
+                    f"No winner: {len(tied)} variants tie at final accuracy {first_mean:.4f} ({'; '.join(v.label for v in tied)}).",
+                    True,
+                )
+            )
+        elif first_std is None or second_std is None:
+            found.append((text + f" The lead of {lead:.4f} comes from single runs: it may be seed noise; add seeds.", True))
+        elif lead <= spread:
+            found.append(
+                (
+                    text
+                    + f" The lead of {lead:.4f} is within the spread over seeds (std up to {spread:.4f}): more seeds are needed to call it.",
+                    True,
+                )
+            )
+        else:
+            found.append((text + f" The lead of {lead:.4f} exceeds the spread over seeds (std up to {spread:.4f}).", False))
+    if comparison.has_perplexity:
+        found.append((CAUSAL_NOTE, False))
+    seed_sets = {tuple(sorted(map(str, v.seeds))) for v in variants}
+    if len(seed_sets) > 1:
+        found.append(("The variants did not all run on the same seeds: compare them with care.", True))
+    if comparison.excluded:
+        count = len(comparison.excluded)
+        found.append(
+            (
+                f"{counted(count, 'run')} {'is' if count == 1 else 'are'} not included (failed or not finished): see the list below.",
+                True,
+            )
+        )
+    return found

@@ -1,0 +1,72 @@
+"""Who is in the federation, and the weight the server gives each client.
+
+The server learns both at the handshake, once for the run: which client each Flower node is, and
+how many examples each client declares. A client's weight in every aggregation (and in every
+defence) comes from that declaration, never from a reply: a reply that states another count is
+refused (strategies/base.py). The weight is capped by a rule of the config, so that one client
+declaring a huge data set cannot take the aggregate over:
+
+- `examples` (default): w_k = min(n_k, cap * median(n)), cap = `federation.max_weight_ratio`;
+- `uniform`: w_k = 1 for every client.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Literal
+
+Weighting = Literal["examples", "uniform"]
+
+
+class RosterError(ValueError):
+    """A handshake that does not describe a usable federation."""
+
+
+def declared_count_problem(value: object) -> str | None:
+    """Why a declared example count is unusable (not a positive finite integer), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"num-examples must be a number, got {value!r}"
+    if not math.isfinite(value):
+        return f"num-examples must be finite, got {value!r}"
+    if value <= 0 or value != int(value):
+        return f"num-examples must be a positive whole number, got {value!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class Roster:
+    """The federation as the server's handshake established it, fixed for the run.
+
+    clients: Flower node id -> client id; examples: client id -> declared example count;
+    excluded: node id -> why its handshake was refused.
+    """
+
+    clients: dict[int, int]
+    examples: dict[int, int]
+    excluded: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if set(self.clients.values()) != set(self.examples):
+            raise RosterError("every client needs exactly one declared example count")
+        if len(set(self.clients.values())) != len(self.clients):
+            raise RosterError("two nodes claim the same client id")
+
+    @classmethod
+    def of(cls, examples: dict[int, int], first_node: int = 1) -> Roster:
+        """A roster whose node ids are first_node + client id (tests, benchmarks)."""
+        return cls({first_node + client: client for client in examples}, dict(examples))
+
+    def client_ids(self) -> list[int]:
+        """Client ids in order."""
+        return sorted(self.examples)
+
+    def weights(self, rule: Weighting = "examples", max_ratio: float | None = None) -> dict[int, float]:
+        """Each client's aggregation weight under the rule (see the module docstring)."""
+        if rule == "uniform":
+            return dict.fromkeys(self.examples, 1.0)
+        if max_ratio is None:
+            return {client: float(n) for client, n in self.examples.items()}
+        cap = max_ratio * statistics.median(self.examples.values())
+        return {client: float(min(n, cap)) for client, n in self.examples.items()}

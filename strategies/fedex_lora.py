@@ -1,0 +1,96 @@
+"""FedEx-LoRA (Singhal et al., 2024): FedIT's averages plus the exact residual, folded into the frozen weights.
+
+Averaging the factors (B̄ = sum p_k B_k, Ā = sum p_k A_k) misses the cross terms: the residual
+dW - B̄ Ā with dW = sum_k p_k B_k A_k. The paper adds the residual, formed densely
+(d_out x d_in), to every client's frozen base weights, so that base + B̄ Ā is exactly the
+average of the clients' models. Here the residual never exists densely: it is the product of
+FLoRA's stack with -B̄ appended on the left and Ā below, and the thin QR + small SVD
+(strategies/fedsvd.py) re-factorizes it, together with the delta merged in earlier rounds, to
+its numerical rank (a round's residual has at most K r: its columns lie in the span of the B_k)
+as U V, which is what the downlink carries and what clients merge.
+
+Extension beyond the paper (one rank for all): clients of different ranks. A rank-r client is
+sent the first r components of the average, and the rest (the tail) is folded into its frozen
+weights with the merged residual, so that its model is exactly the global one. Its update is
+then its trained factors with the frozen tail appended: every client's effective adapter has
+the largest rank, and the aggregation is exact again. (The math below also averages factors of
+different ranks by zero padding: a zero column of B_k with a zero row of A_k changes nothing.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fedlora.lora import LoraState
+from strategies.base import LoraStrategy, weighted_sum
+from strategies.flora import fold, merged_parts, stack
+
+
+def pad_rank(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """B (d_out x r) and A (r x d_in) padded with zero columns / rows to `rank` (the product is unchanged)."""
+    extra = rank - b.shape[1]
+    if extra < 0:
+        raise ValueError(f"pad_rank: rank {b.shape[1]} is above the target {rank}")
+    return torch.nn.functional.pad(b, (0, extra)), torch.nn.functional.pad(a, (0, 0, 0, extra))
+
+
+def residual_stack(bs: list[Tensor], as_: list[Tensor], weights: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(B̄, Ā, U, V) in float64: FedIT's averages at the largest client rank (smaller ones zero-padded)
+    and the residual as a stack, U V = sum_k p_k B_k A_k - B̄ Ā exactly (inner rank sum_k r_k + r)."""
+    top = max(b.shape[1] for b in bs)
+    padded = [pad_rank(b.double(), a.double(), top) for b, a in zip(bs, as_)]
+    b_mean = weighted_sum([b for b, _ in padded], weights)
+    a_mean = weighted_sum([a for _, a in padded], weights)
+    b_stack, a_stack = stack(bs, as_, weights)
+    return b_mean, a_mean, torch.cat([b_stack, -b_mean], dim=1), torch.cat([a_stack, a_mean], dim=0)
+
+
+# --- Flower strategy ---
+class FedExLoRA(LoraStrategy):
+    """Clients train A and B from the averages on the merged base; the server folds the exact residual into it.
+
+    The global state holds Ā, B̄ and the merged delta M (U, V: every round's residual so far, at
+    its numerical rank), which clients fold into their frozen weights before training; it is
+    counted in the downlink bytes. Products are aggregated in the global scaling's units.
+    """
+
+    name = "fedex_lora"
+    description = "FedEx-LoRA: FedIT's averages plus the exact residual, in factored form, merged into the frozen weights"
+    trains = "AB"
+    mixed_ranks = True
+
+    def client_state(self, client_id: int) -> LoraState | None:
+        """A client below the global rank: the first r components, the tail folded into its merged delta."""
+        gain = self.rank_gain(client_id)
+        if gain == 1.0:
+            return None
+        rank, top_scaling = self.rank_of(client_id), self.scaling(self.global_rank())
+        state = self.global_state.at_rank(rank, gain)
+        for layer, parts in self.global_state.factors.items():
+            tail = (parts["B"][:, rank:] * top_scaling, parts["A"][rank:])
+            state.factors[layer] = merged_parts(
+                state.factors[layer], fold(parts.get("U"), parts.get("V"), *tail), parts["A"].dtype
+            )
+        return state
+
+    def aggregate_factors(self, global_state: LoraState, updates: list[LoraState], weights: Tensor) -> LoraState:
+        """B̄, Ā of the clients' effective adapters; M <- M + s (dW - B̄ Ā), exact."""
+        top = self.global_rank()
+        top_scaling = self.scaling(top)
+        factors, ranks = {}, []
+        for layer, parts in global_state.factors.items():
+            bs, as_ = [], []
+            for update in updates:  # a rank-r client's effective adapter: its factors, then the frozen tail
+                b, a = update.factors[layer]["B"], update.factors[layer]["A"]
+                root = (self.scaling(b.shape[1]) / top_scaling) ** 0.5
+                bs.append(torch.cat([b * root, parts["B"][:, b.shape[1] :]], dim=1))
+                as_.append(torch.cat([a * root, parts["A"][a.shape[0] :]], dim=0))
+            # The residual's stack and the merged delta re-factorized together: one QR + SVD pass.
+            b_mean, a_mean, u, v = residual_stack(bs, as_, weights)
+            delta = fold(parts.get("U"), parts.get("V"), u * top_scaling, v)
+            dtype = parts["A"].dtype
+            factors[layer] = merged_parts({"A": a_mean.to(dtype), "B": b_mean.to(dtype)}, delta, dtype)
+            ranks.append(0 if delta is None else delta[0].shape[1])
+        self.last_round.extra["merged_rank_max"] = max(ranks)
+        return LoraState(factors=factors)

@@ -1,0 +1,110 @@
+"""FLoRA (Wang et al., 2024): aggregation by stacking, exact for any mix of client ranks.
+
+Client k's update is the product B_k A_k (d_out x r_k times r_k x d_in). Stacking the factors
+side by side, B = [p_1 B_1, ..., p_K B_K] (d_out x R) and A = [A_1; ...; A_K] (R x d_in) with
+R = sum_k r_k, gives B A = sum_k p_k B_k A_k exactly: no cross terms, whatever the ranks. As in
+the paper, the stack is merged into every client's frozen base weights and each round starts
+a fresh LoRA; what the downlink carries grows with the stack (R (d_out + d_in) values a layer).
+FlexLoRA and FedEx-LoRA start from this same stack and re-factorize it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fedlora.lora import LoraState
+from fedlora.seeds import derive_seed
+from strategies.base import LoraStrategy
+from strategies.fedsvd import low_rank
+from strategies.ffa_lora import shared_a
+
+_WORK_DTYPE = torch.float64
+
+
+def stack(bs: list[Tensor], as_: list[Tensor], weights: Tensor) -> tuple[Tensor, Tensor]:
+    """([p_k B_k] side by side, [A_k] on top of each other) in float64: their product is sum_k p_k B_k A_k.
+
+    Ranks may differ between clients; raises ValueError when a client's B and A do not pair or
+    the layers' shapes differ.
+    """
+    if not bs or len(bs) != len(as_) or len(bs) != len(weights):
+        raise ValueError(f"stack: {len(bs)} B factors, {len(as_)} A factors and {len(weights)} weights")
+    for b, a in zip(bs, as_):
+        if (
+            b.ndim != 2
+            or a.ndim != 2
+            or b.shape[1] != a.shape[0]
+            or b.shape[0] != bs[0].shape[0]
+            or a.shape[1] != as_[0].shape[1]
+        ):
+            raise ValueError(f"stack: B {tuple(b.shape)} and A {tuple(a.shape)} are not a factor pair of the layer")
+    b_stack = torch.cat([b.to(_WORK_DTYPE) * w for b, w in zip(bs, weights.tolist())], dim=1)
+    a_stack = torch.cat([a.to(_WORK_DTYPE) for a in as_], dim=0)
+    return b_stack, a_stack
+
+
+def stack_bytes(bs: list[Tensor], as_: list[Tensor]) -> int:
+    """Bytes of the stacked adapter in the clients' dtype (what one client downloads per layer)."""
+    return sum(t.numel() * t.element_size() for t in (*bs, *as_))
+
+
+def fold(merged_u: Tensor | None, merged_v: Tensor | None, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The base-weight delta M + u v (M = merged_u merged_v, or none yet) as factors of its
+    numerical rank, float64; None when that delta is zero. Stateless clients get the whole delta
+    every round, so it is kept as small as it exactly is (at most min(d_out, d_in) ranks)."""
+    if merged_u is not None:
+        u, v = (
+            torch.cat([merged_u.to(_WORK_DTYPE), u.to(_WORK_DTYPE)], dim=1),
+            torch.cat([merged_v.to(_WORK_DTYPE), v.to(_WORK_DTYPE)]),
+        )
+    if u.shape[1] == 0:
+        return None
+    u, v = low_rank(u, v)
+    return (u, v) if u.shape[1] else None
+
+
+def merged_parts(parts: dict[str, Tensor], delta: tuple[Tensor, Tensor] | None, dtype: torch.dtype) -> dict[str, Tensor]:
+    """A layer's factors A, B with the delta's U, V (none when it is zero), in `dtype`."""
+    out = {"A": parts["A"], "B": parts["B"]}
+    if delta is not None:
+        out["U"], out["V"] = delta[0].to(dtype), delta[1].to(dtype)
+    return out
+
+
+# --- Flower strategy ---
+class FLoRA(LoraStrategy):
+    """Clients train a fresh LoRA at their own ranks on the merged base; the server stacks and merges.
+
+    Where the paper's clients keep their merged weights and download each round's stack, these
+    clients are stateless (a simulation reuses one model for many clients): the server keeps the
+    whole merged delta, re-factorized exactly to its numerical rank, and sends it every round.
+    The history records both: bytes_down what was sent, `stack_bytes` the paper's downlink.
+    """
+
+    name = "flora"
+    description = "FLoRA: clients train a fresh LoRA at their own ranks; the stacked sum of products merged into the base"
+    trains = "AB"
+    mixed_ranks = True
+
+    def client_state(self, client_id: int) -> LoraState | None:
+        """A client below the global rank gets the fresh adapter at its rank (B = 0: the gain is moot)."""
+        rank = self.rank_of(client_id)
+        return None if self.rank_gain(client_id) == 1.0 else self.global_state.at_rank(rank)
+
+    def aggregate_factors(self, global_state: LoraState, updates: list[LoraState], weights: Tensor) -> LoraState:
+        """M <- M + sum_k p_k s_k B_k A_k (exact); next round: a fresh seeded A, B = 0."""
+        factors, stacked, ranks = {}, 0, []
+        for layer, parts in global_state.factors.items():
+            bs = [u.factors[layer]["B"] * self.scaling(u.factors[layer]["B"].shape[1]) for u in updates]
+            as_ = [u.factors[layer]["A"] for u in updates]
+            stacked += stack_bytes(bs, as_)
+            delta = fold(parts.get("U"), parts.get("V"), *stack(bs, as_, weights))
+            rank, d_in = parts["A"].shape
+            fresh = {"A": shared_a(derive_seed(self.seed, "flora", self.server_round), layer, rank, d_in, parts["A"].dtype)}
+            fresh["B"] = torch.zeros_like(parts["B"])
+            factors[layer] = merged_parts(fresh, delta, parts["A"].dtype)
+            ranks.append(0 if delta is None else delta[0].shape[1])
+        self.last_round.extra["stack_bytes"] = stacked * len(updates)  # every client downloads the whole stack
+        self.last_round.extra["merged_rank_max"] = max(ranks)
+        return LoraState(factors=factors)

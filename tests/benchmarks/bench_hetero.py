@@ -1,0 +1,129 @@
+"""The heterogeneous-rank strategies' server round, factored, against the dense computation a peer does.
+
+For one Llama-7B decoder layer's seven projections (q, k, v, o: 4096 x 4096; gate, up:
+11008 x 4096; down: 4096 x 11008), 10 clients at rank 16, it times each strategy's
+`aggregate_factors` (the factored way: stacks, thin QRs and small SVDs, no d_out x d_in matrix)
+and, in the same run, what peers do (FedLLM-Factory's FLoRA, FlexLoRA and FedEx-LoRA): form
+dW = sum_k p_k s B_k A_k densely; FlexLoRA then takes its dense SVD, FedEx-LoRA forms the dense
+residual dW - s B̄ Ā, FLoRA keeps dW to merge (the merge itself, one addition, is not timed
+either way). Both ways are checked to agree. The factored FLoRA and FedEx-LoRA times are of a
+first round, with no merged delta yet: later rounds re-factorize the merged delta as well.
+FedSA-LoRA and RoLoRA average factors exactly as peers do (no dense counterpart): time only.
+The 32-layer round is the per-layer time times 32 (bench_aggregation measures whole rounds).
+
+    python -m tests.benchmarks.bench_hetero [--scale 1.0] [--clients 10] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from fedlora.lora import LoraState
+from fedlora.roster import Roster
+from strategies import STRATEGIES
+from tests.benchmarks.bench_fedsvd_layer import timed
+
+SHAPES = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]  # one Llama-7B decoder layer
+RANK, ALPHA, LAYERS_7B = 16, 32.0, 32
+METHODS = ("flora", "flexlora", "fedex_lora", "fedsa_lora", "rolora")
+DENSE = ("flora", "flexlora", "fedex_lora")
+
+
+def states(scale: float, clients: int, seed: int = 0) -> tuple[LoraState, list[LoraState]]:
+    """A global state and the clients' trained factors (A and B) for one decoder layer, dimensions times `scale`."""
+    g = torch.Generator().manual_seed(seed)
+    global_state = LoraState()
+    for i, (d_out, d_in) in enumerate(SHAPES):
+        d_out, d_in = int(d_out * scale), int(d_in * scale)
+        global_state.factors[f"proj{i}"] = {
+            "A": torch.randn(RANK, d_in, generator=g) / d_in**0.5,
+            "B": torch.randn(d_out, RANK, generator=g) * 1e-3,
+        }
+    updates = [
+        LoraState(
+            factors={
+                layer: {part: t + 1e-3 * torch.randn(t.shape, generator=g) for part, t in parts.items()}
+                for layer, parts in global_state.factors.items()
+            }
+        )
+        for _ in range(clients)
+    ]
+    return global_state, updates
+
+
+def dense_round(method: str, global_state: LoraState, updates: list[LoraState], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The peer's computation per layer: dW formed densely, then its SVD (FlexLoRA), residual (FedEx) or merge (FLoRA)."""
+    scaling, out = ALPHA / RANK, {}
+    for layer in global_state.factors:
+        delta = sum(w * scaling * u.factors[layer]["B"] @ u.factors[layer]["A"] for w, u in zip(weights.tolist(), updates))
+        if method == "flexlora":
+            u_, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            out[layer] = (u_[:, :RANK] * s[:RANK]) @ vh[:RANK]
+        elif method == "fedex_lora":
+            b_mean = sum(w * u.factors[layer]["B"] for w, u in zip(weights.tolist(), updates))
+            a_mean = sum(w * u.factors[layer]["A"] for w, u in zip(weights.tolist(), updates))
+            out[layer] = delta - scaling * b_mean @ a_mean  # merged into the base weight below, as FLoRA's dW
+        else:
+            out[layer] = delta
+    return out
+
+
+def factored_effect(method: str, state: LoraState, layer: str) -> torch.Tensor:
+    """What the factored result adds to the model (to check it against the dense one)."""
+    parts, scaling = state.factors[layer], ALPHA / RANK
+    if method == "flexlora":
+        return scaling * parts["B"].double() @ parts["A"].double()
+    return state.merged_delta(layer)
+
+
+def measure(
+    method: str, global_state: LoraState, updates: list[LoraState], weights: torch.Tensor, repeats: int
+) -> dict[str, float]:
+    """One method's factored round (median of `repeats`) and, where peers compute densely, theirs (once) and the agreement."""
+    clients = len(updates)
+    roster = Roster({i: i for i in range(clients)}, {i: 100 for i in range(clients)})
+    strategy = STRATEGIES[method](roster, clients_per_round=clients, train_head=False, lora_alpha=ALPHA)
+    strategy.global_state, strategy.server_round = global_state, 1
+    replies = [u.select("B" if method == "rolora" else strategy.trains, head=False) for u in updates]  # RoLoRA: a B round
+    strategy.aggregate_factors(global_state, replies, weights)  # warm-up
+    factored_s, state = timed(lambda: strategy.aggregate_factors(global_state, replies, weights), repeats)
+    row = {"factored_s": factored_s, "round_7b_s": factored_s * LAYERS_7B}
+    if method in DENSE:
+        dense_s, dense = timed(lambda: dense_round(method, global_state, replies, weights), 1)
+        error = max(
+            float(torch.linalg.matrix_norm(factored_effect(method, state, layer) - dense[layer].double()) / dense[layer].norm())
+            for layer in dense
+        )
+        row.update(dense_s=dense_s, ratio=dense_s / factored_s, relative_difference=error)
+    return row
+
+
+def main(scale: float = 1.0, clients: int = 10, repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Print and return per method: factored and dense seconds per decoder layer, their ratio, the agreement."""
+    torch.set_num_threads(2)
+    global_state, updates = states(scale, clients)
+    weights = torch.rand(clients, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
+    weights /= weights.sum()
+    print(
+        f"server round per decoder layer (Llama-7B shapes x {scale:g}), {clients} clients, r={RANK}, {torch.get_num_threads()} threads"
+    )
+    figures = {}
+    for method in METHODS:
+        row = figures[method] = measure(method, global_state, updates, weights, repeats)
+        line = f"  {method:<11} factored {row['factored_s']:6.2f} s a layer ({row['round_7b_s']:6.1f} s for 32)"
+        if "ratio" in row:
+            line += f"   dense {row['dense_s']:7.2f} s   dense / factored {row['ratio']:6.1f}x"
+            line += f"   relative difference {row['relative_difference']:.1e}"
+        print(line, flush=True)
+    return figures
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, default=1.0, help="layer dimensions times this (0.5: half the 7B shapes)")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    main(args.scale, args.clients, args.repeats)
