@@ -56,7 +56,9 @@ def client_cpus() -> float:
     """The CPUs a client owns: what Ray gave the actor it runs in (`federation.client_cpus`, or
     a `flwr run` federation's client resources), else, on a deployed node, every core it may use."""
     ray = sys.modules.get("ray")  # never imported here: a deployed node does not run Ray
-    if ray is not None and ray.is_initialized():
+    # Only an actor has a grant: the driver of a simulation (a sweep, a test) may have Ray up
+    # and still run a client in its own process, where asking Ray for resources fails.
+    if ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
         if cpus:
             return float(cpus)

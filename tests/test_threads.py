@@ -27,9 +27,18 @@ def eight_cores(monkeypatch: pytest.MonkeyPatch):
     torch.set_num_threads(saved)
 
 
-def fake_ray(monkeypatch: pytest.MonkeyPatch, cpus: float) -> None:
-    """This process as a Ray actor granted `cpus` CPUs."""
-    context = types.SimpleNamespace(get_assigned_resources=lambda: {"CPU": cpus})
+def fake_ray(monkeypatch: pytest.MonkeyPatch, cpus: float | None) -> None:
+    """This process as a Ray actor granted `cpus` CPUs, or (None) as the driver that started
+    Ray, which has no grant: there Ray refuses to say, as the real one does."""
+
+    def assigned_resources() -> dict[str, float]:
+        if cpus is None:
+            raise AssertionError("This method is only available when the process is a worker.")
+        return {"CPU": cpus}
+
+    context = types.SimpleNamespace(
+        get_assigned_resources=assigned_resources, get_actor_id=lambda: None if cpus is None else "actor-1"
+    )
     ray = types.SimpleNamespace(is_initialized=lambda: True, get_runtime_context=lambda: context)
     monkeypatch.setitem(sys.modules, "ray", ray)
 
@@ -41,11 +50,11 @@ def test_a_share_is_its_whole_cores_at_least_one_at_most_those_owned(share: floa
 
 
 @pytest.mark.usefixtures("flower_task")
-@pytest.mark.parametrize(("granted", "expected"), [(None, CORES), (0.5, 1), (2, 2), (3, 3)])
+@pytest.mark.parametrize(("granted", "expected"), [("no ray", CORES), ("ray's driver", CORES), (0.5, 1), (2, 2), (3, 3)])
 def test_a_client_uses_the_cpus_ray_gave_its_actor_or_on_a_node_every_core(monkeypatch, granted, expected) -> None:
     monkeypatch.delitem(sys.modules, "ray", raising=False)
-    if granted is not None:
-        fake_ray(monkeypatch, granted)
+    if granted != "no ray":
+        fake_ray(monkeypatch, None if granted == "ray's driver" else granted)
     torch.set_num_threads(5)
     app = build_client_app(tiny_config())
     context = Context(
