@@ -130,8 +130,6 @@ def many_key_runs(root: Path) -> list[Path]:
         for seed in (0, 1):
             name = f"v{i}-seed{seed}"
             defence = None if settings["strategy.robust"] == "none" else settings["strategy.robust"]
-            if defence == "zprobe":
-                defence = "zprobe_refined"  # as a history records it: the defence's own name
             runs.append(make_run(root / name, [*overrides, f"seed={seed}"], quality=0.02 * i + 0.01 * seed, defence_name=defence))
     make_run(root / "stopped", ["strategy.name=fedit"], finished=False)
     return runs

@@ -79,10 +79,15 @@ def test_attack_target_epsilon_and_recorded_defence_come_from_config_and_history
     by_robust = {v.settings["strategy.robust"]: v for v in comparison.variants}
     zprobe = by_robust["zprobe"]
     assert zprobe.attacks == [("alie", 0.25)]
-    assert zprobe.defences == ["zprobe_refined"]  # as the history names it, not as the config does
+    assert zprobe.defences == ["zprobe"]  # as the history names it (extra.defence.name)
     assert {run.target_epsilon for run in zprobe.runs} == {3.0}
     assert by_robust["none"].defences == [] and by_robust["krum"].runs[0].target_epsilon is None
     assert comparison.has_attack and comparison.has_defence and comparison.has_epsilon and comparison.has_train_loss
+
+
+def test_a_defence_the_history_never_records_is_not_reported_from_the_config(tmp_path: Path) -> None:
+    make_run(tmp_path / "configured-only", ["strategy.robust=krum"], defence_name=None)
+    assert comparison_of(tmp_path / "configured-only").variants[0].defences == []
 
 
 def test_bands_are_mean_min_and_max_over_the_seeds_per_round(many: Path) -> None:

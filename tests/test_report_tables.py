@@ -41,7 +41,7 @@ def test_a_keyed_summary_names_variants_counts_seeds_and_shows_attack_defence_an
     assert rows[0]["final accuracy"] == "0.7050 ± 0.0071" and rows[0]["final ε"] == "2.80 ± 0.00"
     assert rows[0]["target ε"] == "3"
     zprobe = next(r for r in rows if r["attack"] == "alie")
-    assert zprobe["defence"] == "zprobe_refined"
+    assert zprobe["defence"] == "zprobe"
     clean = [r for r in rows if r["attack"] == "none"]
     assert len(clean) == 2 and all(r["attack fraction"] == "—" and r["defence"] == "none" for r in clean)
 
