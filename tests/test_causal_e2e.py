@@ -26,7 +26,8 @@ CAUSAL_STRATEGIES = ["fedit", "ffa_lora", "fedsvd", "lora_fair"]
 RUNS: dict[str, tuple[str, ...]] = {
     **{name: (f"strategy.name={name!r}",) for name in CAUSAL_STRATEGIES},
     "dp": ("privacy.enabled=true", "privacy.epsilon=3.0"),  # ghost clipping: the causal default
-    "defence": ("strategy.robust='median'",),
+    # Krum keeps the one update nearest the others (f = 0 of 3 clients): it drops two a round.
+    "defence": ("strategy.robust='krum'",),
 }
 
 
@@ -57,6 +58,15 @@ def final_state(run_dir: Path) -> LoraState:
     return LoraState.from_model(AutoPeftModelForCausalLM.from_pretrained(str(run_dir / "adapter")))
 
 
+def assert_every_b_trained(config: ExperimentConfig, run_dir: Path) -> None:
+    """The exported adapter has the initial state's layers, no head, and every layer's B moved."""
+    # The strategy's own initial state: FFA-LoRA replaces A by its shared A and starts B at zero.
+    initial = workspace.initial_state(config, workspace.federated_task(config).num_labels)
+    final = final_state(run_dir)
+    assert set(final.factors) == set(initial.factors) and not final.head
+    assert all(not torch.equal(final.factors[layer]["B"], initial.factors[layer]["B"]) for layer in initial.factors)
+
+
 @pytest.mark.parametrize("name", CAUSAL_STRATEGIES)
 def test_every_strategy_federates_a_tiny_llama_and_records_its_scores(federations: Federations, name: str) -> None:
     run_dir = federations.run(name)
@@ -71,12 +81,7 @@ def test_every_strategy_federates_a_tiny_llama_and_records_its_scores(federation
     summary = read_summary(run_dir)
     assert summary["final_perplexity"] == history[-1]["perplexity"]
     assert summary["communication_mb"] == pytest.approx((summary["bytes_up"] + summary["bytes_down"]) / 2**20)
-    initial = workspace.initial_state(config, workspace.federated_task(config).num_labels)
-    final = final_state(run_dir)
-    assert set(final.factors) == set(initial.factors) and not final.head
-    # The strategy's own initial state: FFA-LoRA replaces A by its shared A and starts B at zero.
-    changed = [not torch.equal(final.factors[layer]["B"], initial.factors[layer]["B"]) for layer in initial.factors]
-    assert all(changed)
+    assert_every_b_trained(config, run_dir)
 
 
 def test_the_exported_adapter_reloads_with_auto_peft_and_gives_the_run_s_final_logits(federations: Federations) -> None:
@@ -112,10 +117,15 @@ def test_a_dp_federation_with_ghost_clipping_keeps_every_client_within_budget(fe
         assert figures["epsilon"] == pytest.approx(reference.get_epsilon(delta=config.privacy.delta), abs=1e-6)
         assert figures["epsilon"] <= config.privacy.epsilon and figures["reported-epsilon"] == pytest.approx(figures["epsilon"])
     assert history[-1]["epsilon_max"] == pytest.approx(max(f["epsilon"] for f in privacy.values()))
+    assert_every_b_trained(config, run_dir)
 
 
 def test_a_defence_screens_a_causal_federation(federations: Federations) -> None:
-    history = read_history(federations.run("defence"))
+    run_dir = federations.run("defence")
+    history = read_history(run_dir)
     for line in history[1:]:
-        assert line["extra"]["defence"]["name"] == "median" and line["clients"] == [0, 1, 2]
+        assert line["extra"]["defence"]["name"] == "krum"
+        assert len(line["clients"]) == 1 and len(line["extra"]["dropped"]) == 2  # kept one, dropped two
+        assert sorted(line["clients"] + line["extra"]["dropped"]) == [0, 1, 2]
     assert history[-1]["loss"] < history[0]["loss"]
+    assert_every_b_trained(federations.config("defence"), run_dir)
