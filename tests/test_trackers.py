@@ -110,7 +110,6 @@ def assert_same_series(got: dict[str, list[tuple[int, float]]], expected: dict[s
 
 
 def test_tensorboard_writes_every_round_figure_and_the_config_as_hparams(tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
     params = run_trackers(["tensorboard"], tmp_path)
     scalars, hparams = tensorboard_scalars(tmp_path / "tensorboard")
     summary = {tag: points for tag, points in scalars.items() if tag.startswith("summary/")}
@@ -132,7 +131,6 @@ def mlflow_run(store: Path):
 
 
 def test_mlflow_file_store_holds_one_run_with_the_config_as_params_and_a_metric_per_round(tmp_path: Path) -> None:
-    pytest.importorskip("mlflow")
     params = run_trackers(["mlflow"], tmp_path)
     run, series = mlflow_run(tmp_path / "mlruns")
     assert run.info.status == "FINISHED" and run.info.run_name == tmp_path.name
@@ -145,7 +143,6 @@ def test_mlflow_file_store_holds_one_run_with_the_config_as_params_and_a_metric_
 
 
 def test_a_resumed_mlflow_run_continues_the_run_it_started(tmp_path: Path) -> None:
-    pytest.importorskip("mlflow")
     config = tiny_config()
     first = Trackers(["mlflow"])
     first.start(config, tmp_path)
@@ -188,7 +185,6 @@ BLOCK = 32 * 1024
 
 
 def test_wandb_writes_an_offline_run_with_the_config_and_every_round_in_the_run_directory(tmp_path: Path) -> None:
-    pytest.importorskip("wandb")
     params = run_trackers(["wandb"], tmp_path)
     (offline,) = (tmp_path / "wandb").glob("offline-run-*")
     (log,) = offline.glob("run-*.wandb")
@@ -238,8 +234,6 @@ def test_the_cli_refuses_a_missing_tracker_package_in_one_line_before_anything_r
 @pytest.mark.e2e
 @pytest.mark.usefixtures("one_ray")
 def test_a_simulated_run_logs_exactly_its_history_to_tensorboard_and_mlflow(tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
-    pytest.importorskip("mlflow")
     from fedlora.simulation import simulate
 
     run_dir = tmp_path / "tracked"
