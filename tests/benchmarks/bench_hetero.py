@@ -11,7 +11,10 @@ first round, with no merged delta yet: later rounds re-factorize the merged delt
 FedSA-LoRA and RoLoRA average factors exactly as peers do (no dense counterpart): time only.
 The 32-layer round is the per-layer time times 32 (bench_aggregation measures whole rounds).
 
-    python -m tests.benchmarks.bench_hetero [--scale 1.0] [--clients 10] [--repeats 3]
+    python -m tests.benchmarks.bench_hetero [--scale 1.0] [--clients 10] [--repeats 3] [--factored-only]
+
+--factored-only skips the peers' dense computation (FlexLoRA's dense SVD alone takes about 17
+minutes on two cores at full scale) and times the factored rounds only.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def factored_effect(method: str, state: LoraState, layer: str) -> torch.Tensor:
 
 
 def measure(
-    method: str, global_state: LoraState, updates: list[LoraState], weights: torch.Tensor, repeats: int
+    method: str, global_state: LoraState, updates: list[LoraState], weights: torch.Tensor, repeats: int, with_dense: bool
 ) -> dict[str, float]:
     """One method's factored round (median of `repeats`) and, where peers compute densely, theirs (once) and the agreement."""
     clients = len(updates)
@@ -90,7 +93,7 @@ def measure(
     strategy.aggregate_factors(global_state, replies, weights)  # warm-up
     factored_s, state = timed(lambda: strategy.aggregate_factors(global_state, replies, weights), repeats)
     row = {"factored_s": factored_s, "round_7b_s": factored_s * LAYERS_7B}
-    if method in DENSE:
+    if with_dense and method in DENSE:
         dense_s, dense = timed(lambda: dense_round(method, global_state, replies, weights), 1)
         error = max(
             float(torch.linalg.matrix_norm(factored_effect(method, state, layer) - dense[layer].double()) / dense[layer].norm())
@@ -100,7 +103,7 @@ def measure(
     return row
 
 
-def main(scale: float = 1.0, clients: int = 10, repeats: int = 3) -> dict[str, dict[str, float]]:
+def main(scale: float = 1.0, clients: int = 10, repeats: int = 3, with_dense: bool = True) -> dict[str, dict[str, float]]:
     """Print and return per method: factored and dense seconds per decoder layer, their ratio, the agreement."""
     torch.set_num_threads(2)
     global_state, updates = states(scale, clients)
@@ -111,7 +114,7 @@ def main(scale: float = 1.0, clients: int = 10, repeats: int = 3) -> dict[str, d
     )
     figures = {}
     for method in METHODS:
-        row = figures[method] = measure(method, global_state, updates, weights, repeats)
+        row = figures[method] = measure(method, global_state, updates, weights, repeats, with_dense)
         line = f"  {method:<11} factored {row['factored_s']:6.2f} s a layer ({row['round_7b_s']:6.1f} s for 32)"
         if "ratio" in row:
             line += f"   dense {row['dense_s']:7.2f} s   dense / factored {row['ratio']:6.1f}x"
@@ -125,5 +128,6 @@ if __name__ == "__main__":
     parser.add_argument("--scale", type=float, default=1.0, help="layer dimensions times this (0.5: half the 7B shapes)")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--factored-only", action="store_true", help="skip the peers' dense computation (minutes at full scale)")
     args = parser.parse_args()
-    main(args.scale, args.clients, args.repeats)
+    main(args.scale, args.clients, args.repeats, with_dense=not args.factored_only)
