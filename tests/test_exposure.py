@@ -178,7 +178,8 @@ def test_each_socket_answers_only_for_its_apis_and_refuses_the_rest_with_403() -
         return replies[0]["status"]
 
     assert status(9092, "/v1/fleet/pull-messages") == 200
-    assert status(9092, "/v1/control/register-node") == 403  # the attack of issue 14, on the SuperNodes' port
+    assert status(9092, "/v1/control/register-node") == 403  # the attacks of issue 14, on the SuperNodes' port
+    assert status(9092, "/v1/control/list-runs") == 403 and status(9092, "/v1/control/stop-run") == 403
     assert status(9092, "/v1/runtime/pull-task-input") == 403
     assert status(9092, "/v1/fleetx") == 403 and status(9092, "/docs") == 403
     assert status(9093, "/v1/control/list-runs") == 200 and status(9093, "/v1/fleet/pull-messages") == 403
