@@ -29,7 +29,7 @@ from fedlora.data.hub import load_hub_dataset
 from fedlora.data.instruct import ASSISTANT, InstructionExample, InstructionSet
 from fedlora.data.instruct_task import generate_instruction_task
 from fedlora.data.partition import partition_examples
-from fedlora.data.sources import NODE_KEY, SOURCE_KEY, is_dataset_dict, split_names, split_places
+from fedlora.data.sources import NODE_KEY, SOURCE_KEY, is_dataset_dict, node_table, split_names, split_places
 
 if TYPE_CHECKING:
     import datasets
@@ -78,15 +78,7 @@ def check_partition_categories(config: DataConfig) -> None:
 
 def load_node_instructions(path: Path, config: DataConfig) -> InstructionSet:
     """All the instruction examples of a deployed node's own data set (node config `data-path`)."""
-    if not path.exists():
-        raise ConfigError(f"{NODE_KEY}: {path} does not exist on this node")
-    table = read_table(path, NODE_KEY)
-    place = row_places(path)
-    if is_dataset_dict(table):
-        split = config.train_split if config.train_split in table else next(iter(table)) if len(table) == 1 else None
-        if split is None:
-            raise ConfigError(f"data.train_split: no split {config.train_split!r} in {path} (has {', '.join(table)})")
-        table, place = table[split], split_places(str(path), split)
+    table, place = node_table(path, config)
     examples = _examples(table, config, place, str(path), NODE_KEY)
     if not examples:
         raise ConfigError(f"{NODE_KEY}: {path} holds no examples")

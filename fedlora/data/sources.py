@@ -152,15 +152,9 @@ def _carve(rows: CheckedRows, config: DataConfig, seed: int) -> tuple[CheckedRow
     return rows.subset(order[cut:]), rows.subset(order[:cut])
 
 
-def load_node_examples(path: Path, config: DataConfig, class_names: Callable[[], list[str]]) -> TextExamples:
-    """All the examples of a deployed node's own data set (node config `data-path`).
-
-    A local file in any format `data.source` takes (.csv, .jsonl, .json, .parquet) or a folder
-    saved by `datasets` (`save_to_disk`; of a DatasetDict, the `data.train_split`, or its only
-    split), with the experiment's text and label columns, checked as `data.source` is. Integer
-    labels are class indices 0..C-1; other labels are class names of the experiment's task
-    (`class_names()`).
-    """
+def node_table(path: Path, config: DataConfig) -> tuple[datasets.Dataset, Callable[[int], str]]:
+    """A deployed node's own data file or saved folder (of a DatasetDict, the `data.train_split`
+    or its only split) and where each of its rows is, for messages."""
     if not path.exists():
         raise ConfigError(f"{NODE_KEY}: {path} does not exist on this node")
     table = read_table(path, NODE_KEY)
@@ -170,6 +164,19 @@ def load_node_examples(path: Path, config: DataConfig, class_names: Callable[[],
         if split is None:
             raise ConfigError(f"data.train_split: no split {config.train_split!r} in {path} (has {', '.join(table)})")
         table, place = table[split], split_places(str(path), split)
+    return table, place
+
+
+def load_node_examples(path: Path, config: DataConfig, class_names: Callable[[], list[str]]) -> TextExamples:
+    """All the examples of a deployed node's own data set (node config `data-path`).
+
+    A local file in any format `data.source` takes (.csv, .jsonl, .json, .parquet) or a folder
+    saved by `datasets` (`save_to_disk`; of a DatasetDict, the `data.train_split`, or its only
+    split), with the experiment's text and label columns, checked as `data.source` is. Integer
+    labels are class indices 0..C-1; other labels are class names of the experiment's task
+    (`class_names()`).
+    """
+    table, place = node_table(path, config)
     raw = _raw_table(table, config, place, str(path))
     # Class indices stay indices here, ClassLabel or not: the node's data follows the task's numbering.
     rows = checked_rows(RawTable(raw.texts, raw.labels, place), config.drop_missing_labels, NODE_KEY)
