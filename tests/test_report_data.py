@@ -85,6 +85,14 @@ def test_attack_target_epsilon_and_recorded_defence_come_from_config_and_history
     assert comparison.has_attack and comparison.has_defence and comparison.has_epsilon and comparison.has_train_loss
 
 
+def test_a_variant_without_dp_is_not_labelled_with_an_epsilon(tmp_path: Path) -> None:
+    for name, privacy in [("off", "false"), ("eps1", "true"), ("eps3", "true")]:
+        epsilon = "1.0" if name == "eps1" else "3.0"
+        make_run(tmp_path / name, [f"privacy.enabled={privacy}", f"privacy.epsilon={epsilon}"])
+    labels = sorted(v.label for v in comparison_of(tmp_path).variants)
+    assert labels == ["privacy=false", "privacy=true, epsilon=1.0", "privacy=true, epsilon=3.0"]
+
+
 def test_a_defence_the_history_never_records_is_not_reported_from_the_config(tmp_path: Path) -> None:
     make_run(tmp_path / "configured-only", ["strategy.robust=krum"], defence_name=None)
     assert comparison_of(tmp_path / "configured-only").variants[0].defences == []

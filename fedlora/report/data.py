@@ -375,11 +375,16 @@ def short_keys(keys: list[str]) -> dict[str, str]:
 
 
 def variant_label(settings: dict[str, Any], names: dict[str, str] | None = None) -> str:
-    """`strategy=fedit, privacy=true, lr=0.01`: the differing settings, keys shortened by `short_keys`."""
+    """`strategy=fedit, privacy=true, lr=0.01`: the differing settings, keys shortened by `short_keys`.
+
+    A section switched off says only that (`privacy=false`, not `privacy=false, epsilon=3.0`): its
+    other settings differ among the runs but do nothing in this one."""
     names = names or short_keys(list(settings))
+    off = [key.removesuffix("enabled") for key, value in settings.items() if key.endswith(".enabled") and value is False]
     parts = [
         f"{names[key]}={'[' + format_value(value) + ']' if isinstance(value, list) else format_value(value)}"
         for key, value in settings.items()
+        if key.endswith(".enabled") or not key.startswith(tuple(off))
     ]
     return ", ".join(parts) or "all runs"
 
