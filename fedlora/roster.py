@@ -26,12 +26,30 @@ class RosterError(ValueError):
 
 def declared_count_problem(value: object) -> str | None:
     """Why a declared example count is unusable (not a positive finite integer), or None."""
+    problem = whole_number_problem("num-examples", value)
+    if problem is None and value <= 0:
+        problem = f"num-examples must be a positive whole number, got {value!r}"
+    return problem
+
+
+def client_id_problem(value: object, num_clients: int) -> str | None:
+    """Why a declared client id is not one of the federation's (a whole number 0..num_clients-1), or None."""
+    problem = whole_number_problem("client-id", value)
+    if problem is None and not 0 <= value < num_clients:
+        problem = f"client-id must be one of the federation's, 0..{num_clients - 1}, got {value!r}"
+    return problem
+
+
+def whole_number_problem(key: str, value: object) -> str | None:
+    """Why a handshake value is not a finite whole number (a bool or a string is not one), or None."""
+    if value is None:
+        return f"{key} is missing"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"num-examples must be a number, got {value!r}"
+        return f"{key} must be a number, got {value!r}"
     if not math.isfinite(value):
-        return f"num-examples must be finite, got {value!r}"
-    if value <= 0 or value != int(value):
-        return f"num-examples must be a positive whole number, got {value!r}"
+        return f"{key} must be finite, got {value!r}"
+    if value != int(value):
+        return f"{key} must be a whole number, got {value!r}"
     return None
 
 

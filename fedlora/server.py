@@ -20,7 +20,7 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
@@ -34,13 +34,13 @@ from fedlora.export import RunFigures
 from fedlora.interrupt import RunInterrupted
 from fedlora.lora import LoraState
 from fedlora.results import RUN_REPORT_DIR, RoundRecord, RunRecorder
-from fedlora.roster import Roster, declared_count_problem
+from fedlora.roster import Roster, client_id_problem, declared_count_problem
 from fedlora.rundir import RunLock, claim_run_dir
 from fedlora.task import Scores, evaluate, export
 from fedlora.threads import use_threads
 from fedlora.trackers import Trackers
 from strategies import build_strategy
-from strategies.base import ARRAYS_KEY, CONFIG_KEY, LEDGER_KEY, METRICS_KEY, LoraStrategy, check_against
+from strategies.base import ARRAYS_KEY, CONFIG_KEY, INFO_KEY, LEDGER_KEY, METRICS_KEY, LoraStrategy, check_against
 
 RoundCallback = Callable[[RoundRecord], None]
 APP_DIR = Path(__file__).resolve().parent.parent  # for `flwr run`: the app folder as Flower installed it
@@ -110,33 +110,66 @@ def node_count_mismatch(nodes: int, federation: FederationConfig) -> str:
     )
 
 
-def discover_clients(grid: Grid, node_ids: list[int], timeout: float = CONNECT_TIMEOUT) -> Roster:
+def discover_clients(grid: Grid, node_ids: list[int], federation: FederationConfig, timeout: float = CONNECT_TIMEOUT) -> Roster:
     """Who each connected node is and how many examples it declares, asked with a query message.
 
-    A node whose declaration is unusable (not a positive whole number) is left out of the
-    federation with its reason; two nodes claiming one client id end the run.
+    A node whose handshake is unusable is left out of the federation with its reason (logged,
+    and kept in the roster for summary.json's excluded_nodes): an error or no reply, no `info` or
+    `metrics` record, a client id that is not one of the federation's (a whole number
+    0..num_clients-1), an example count that is not a positive whole number. Nodes that claim one
+    client id are all left out: the server cannot tell which of them is that client, and keeping
+    the first would hand the id to whichever answers first. The federation goes on with the
+    others; fewer than federation.clients_per_round of them end the run in one line.
     """
     queries = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids]
-    clients: dict[int, int] = {}
-    examples: dict[int, int] = {}
+    declared: dict[int, tuple[int, int]] = {}  # node id -> (client id, examples)
     excluded: dict[int, str] = {}
     for reply in grid.send_and_receive(queries, timeout=timeout):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            raise FederationError(f"client handshake failed: {reply.error.reason}")
-        client = int(reply.content["info"]["client-id"])
-        if client in examples:
-            raise FederationError(f"two nodes claim the same client id ({client}); give each SuperNode its own client-id")
-        declared = reply.content[METRICS_KEY].get("num-examples")
-        problem = declared_count_problem(declared)
-        if problem:
-            excluded[node] = problem
-            log(WARNING, "node %d (client %d) left out: %s", node, client, problem)
-            continue
-        clients[node], examples[client] = client, int(declared)
-    if not clients:
-        raise FederationError(f"no node declared a usable data set ({excluded})")
-    return Roster(clients, examples, excluded)
+        handshake = read_handshake(reply, federation.num_clients)
+        if isinstance(handshake, str):
+            excluded[reply.metadata.src_node_id] = handshake
+        else:
+            declared[reply.metadata.src_node_id] = handshake
+    for node in node_ids:
+        if node not in declared and node not in excluded:
+            excluded[node] = f"no handshake reply within {timeout:.0f} s"
+    excluded.update(shared_client_ids(declared))
+    for node, reason in excluded.items():
+        declared.pop(node, None)
+        log(WARNING, "node %d left out of the federation: %s", node, reason)
+    if len(declared) < federation.clients_per_round:
+        reasons = "; ".join(f"node {node}: {reason}" for node, reason in excluded.items())
+        raise FederationError(
+            f"only {len(declared)} of {len(node_ids)} nodes passed the handshake, fewer than federation.clients_per_round "
+            f"= {federation.clients_per_round}; fix those nodes or lower federation.clients_per_round ({reasons})"
+        )
+    return Roster({node: client for node, (client, _) in declared.items()}, dict(declared.values()), excluded)
+
+
+def read_handshake(reply: Message, num_clients: int) -> tuple[int, int] | str:
+    """(client id, declared example count) from a node's handshake reply, or why it is unusable."""
+    if reply.has_error():
+        return f"its handshake failed: {reply.error.reason}"
+    records = {key: reply.content.get(key) for key in (INFO_KEY, METRICS_KEY)}
+    for key, record in records.items():
+        if not isinstance(record, (ConfigRecord, MetricRecord)):
+            return f"its reply has no {key!r} record"
+    client, count = records[INFO_KEY].get("client-id"), records[METRICS_KEY].get("num-examples")
+    problem = client_id_problem(client, num_clients) or declared_count_problem(count)
+    return problem if problem else (int(client), int(count))
+
+
+def shared_client_ids(declared: dict[int, tuple[int, int]]) -> dict[int, str]:
+    """Why each node claiming a client id another node claims too is left out (all of them are)."""
+    claims: dict[int, list[int]] = {}
+    for node, (client, _) in declared.items():
+        claims.setdefault(client, []).append(node)
+    return {
+        node: f"client-id {client} is claimed by nodes {', '.join(map(str, nodes))}; give each SuperNode its own client-id"
+        for client, nodes in claims.items()
+        if len(nodes) > 1
+        for node in nodes
+    }
 
 
 def train_config(config: ExperimentConfig, num_labels: int) -> ConfigRecord:
@@ -260,7 +293,7 @@ class Federation:
         checkpoint = load_resumable(run_dir, config, initial) if resume else None
         self.test = workspace.test_examples(config)
         self.model = workspace.server_model(config, task.num_labels)
-        self.roster = discover_clients(grid, node_ids)
+        self.roster = discover_clients(grid, node_ids, config.federation)
         self.clients = self.roster.clients
         self.strategy = build_strategy(config, self.roster)
         attack = config.attack
