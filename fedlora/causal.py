@@ -27,6 +27,8 @@ Scores on the held-out split (`evaluate_causal`): the token loss on the response
 perplexity exp(loss), and the exact match of greedy generations on the first
 `data.exact_match_examples` examples: a generation matches when it ends with the end-of-sequence
 token and its text (special tokens dropped, whitespace collapsed) equals the reference answer's.
+A generation stays inside the model's positions (a long prompt loses tokens from its start,
+`greedy_generations`); a `model.max_length` past them is refused before the run.
 """
 
 from __future__ import annotations
@@ -161,7 +163,10 @@ def build_causal_lora_model(config: ModelConfig, seed: int) -> PeftModel:
 
 
 def check_causal_resources(config: ModelConfig) -> None:
-    """Refuse 4-bit base weights where they cannot run: no CUDA device, or no bitsandbytes."""
+    """Refuse, before a run starts, what this model cannot run: examples longer than its positions
+    (`model.max_length`), 4-bit base weights without a CUDA device or bitsandbytes."""
+    if config.causal:
+        _check_positions(config)
     if not config.load_in_4bit:
         return
     if not torch.cuda.is_available():
@@ -173,6 +178,28 @@ def check_causal_resources(config: ModelConfig) -> None:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ConfigError("model.load_in_4bit: needs the bitsandbytes package (pip install bitsandbytes)") from None
+
+
+def _check_positions(config: ModelConfig) -> None:
+    """Refuse a max_length the model has no positions for: training and generation would index past them.
+
+    The tiny models are built with max(128, max_length) positions: they always fit.
+    """
+    if config.name in TINY_CAUSAL:
+        return
+    positions = max_positions(_hub_config(config.name))
+    if positions is not None and config.max_length > positions:
+        raise ConfigError(
+            f"model.max_length: {config.max_length} tokens per example, but {config.name!r} has {positions} positions; "
+            f"set model.max_length to at most {positions}"
+        )
+
+
+def max_positions(model_config: PretrainedConfig) -> int | None:
+    """How many tokens (prompt and generation together) the model can place, or None where its
+    config names no limit (GPT-2's n_positions answers to this name too)."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) else None
 
 
 def _tiny_model(config: ModelConfig) -> PreTrainedModel:
@@ -325,10 +352,20 @@ def response_token_loss(model: nn.Module, data: CausalExamples, batch_size: int 
 def greedy_generations(
     model: nn.Module, data: CausalExamples, index: torch.Tensor, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int
 ) -> list[list[int]]:
-    """The greedy continuation of each prompt at `index`, cut after its first end-of-sequence token."""
+    """The greedy continuation of each prompt at `index`, cut after its first end-of-sequence token.
+
+    Prompt and continuation stay inside the model's positions (`max_positions`; past them GPT-2
+    indexes out of its position table): the new tokens are capped at positions - 1, then the
+    prompts, left-padded to the longest of the batch, lose tokens from their start (as
+    encode_instructions cuts a long prompt) so that the answer keeps its whole budget.
+    """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = {k: v.to(device) for k, v in data.prompts(index, pad).items()}
+    positions = max_positions(model.config)
+    if positions is not None:
+        max_new_tokens = min(max_new_tokens, positions - 1)
+        prompts = {k: v[:, -(positions - max_new_tokens) :] for k, v in prompts.items()}
     output = model.generate(
         **prompts,
         max_new_tokens=max_new_tokens,
