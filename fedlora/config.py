@@ -316,7 +316,7 @@ class StrategyConfig(_Section):
     robust: str = Field(
         "none",
         description="robust aggregation wrapped around the strategy: none, zprobe (the paper's rule), zprobe_refined, "
-        "krum, multikrum, bulyan, median, trimmed_mean",
+        "krum, multikrum, bulyan, median, trimmed_mean, centered_clipping, rfa",
     )
     phi_max: float = Field(
         0.25,
@@ -325,6 +325,24 @@ class StrategyConfig(_Section):
         description="the defence's bound on the fraction of attackers among a round's replies: zPROBE's phi_max, "
         "Krum's f = floor(phi_max n), the trimmed mean's cut at each end",
     )
+    cc_tau: float = Field(10.0, gt=0, description="centered_clipping: the clipping radius tau, in the norm of a flattened update")
+    cc_iterations: int = Field(5, ge=1, le=100, description="centered_clipping: clipping iterations a round")
+    rfa_iterations: int = Field(3, ge=1, le=100, description="rfa: smoothed Weiszfeld iterations a round")
+    bucket_size: int = Field(
+        1,
+        ge=1,
+        description="bucketing (Karimireddy et al. 2022) in front of strategy.robust: average random buckets of this "
+        "many updates, then apply the robust rule to the bucket means (1: no bucketing)",
+    )
+
+    @model_validator(mode="after")
+    def _bucketing_needs_a_rule(self) -> StrategyConfig:
+        if self.bucket_size > 1 and self.robust == "none":
+            raise ValueError(
+                f"bucket_size = {self.bucket_size} buckets the updates for a robust rule; set strategy.robust "
+                "(e.g. 'krum' or 'median') or bucket_size = 1"
+            )
+        return self
 
 
 class PrivacyConfig(_Section):

@@ -24,7 +24,7 @@ from fedlora.rundir import RunLock, claim_run_dir
 from fedlora.server import RoundCallback, build_server_app
 from fedlora.threads import thread_env
 from fedlora.trackers import check_trackers
-from strategies import defence_class, strategy_class
+from strategies import build_defence, strategy_class
 
 
 class SimulationError(RuntimeError):
@@ -185,7 +185,7 @@ def check_runnable(config: ExperimentConfig) -> None:
     can meet."""
     strategy_class(config.strategy.name)
     check_trackers(config.output.trackers)
-    defence = defence_class(config.strategy.robust)
+    defence = build_defence(config.strategy)  # with its options and bucketing: what the server will run
     per_round = config.federation.clients_per_round
     if defence is not None and per_round < defence.min_clients:
         raise ConfigError(

@@ -8,10 +8,12 @@ a `Defence` subclass).
 
 from __future__ import annotations
 
-from fedlora.config import ConfigError, ExperimentConfig
+from fedlora.config import ConfigError, ExperimentConfig, StrategyConfig
 from fedlora.roster import Roster
 from strategies.base import LoraStrategy
+from strategies.bucketing import BucketingDefence
 from strategies.bulyan import BulyanDefence
+from strategies.centered_clipping import CenteredClippingDefence
 from strategies.fedex_lora import FedExLoRA
 from strategies.fedit import FedIT
 from strategies.fedsa_lora import FedSALoRA
@@ -22,6 +24,7 @@ from strategies.flora import FLoRA
 from strategies.krum import KrumDefence, MultiKrumDefence
 from strategies.lora_fair import LoraFair
 from strategies.median import MedianDefence
+from strategies.rfa import RFADefence
 from strategies.robust import Defence
 from strategies.rolora import RoLoRA
 from strategies.trimmed_mean import TrimmedMeanDefence
@@ -42,6 +45,8 @@ DEFENCES: dict[str, type[Defence]] = {
         BulyanDefence,
         MedianDefence,
         TrimmedMeanDefence,
+        CenteredClippingDefence,
+        RFADefence,
     )
 }
 
@@ -68,10 +73,17 @@ def defence_class(name: str) -> type[Defence] | None:
 def build_strategy(config: ExperimentConfig, roster: Roster) -> LoraStrategy:
     """The strategy an experiment config names, behind its defence, for the handshake's roster."""
     strategy = strategy_class(config.strategy.name).from_config(config, roster)
-    defence = defence_class(config.strategy.robust)
-    if defence is not None:
-        strategy.defence = defence(config.strategy.phi_max)
+    strategy.defence = build_defence(config.strategy)
     return strategy
+
+
+def build_defence(config: StrategyConfig) -> Defence | None:
+    """The defence `strategy.robust` names, with its options, behind bucketing when `bucket_size` > 1."""
+    defence_type = defence_class(config.robust)
+    if defence_type is None:
+        return None
+    defence = defence_type.from_config(config)
+    return BucketingDefence(defence, config.bucket_size) if config.bucket_size > 1 else defence
 
 
 def describe() -> list[tuple[str, str]]:

@@ -11,7 +11,8 @@ flattened into one vector, in the same order for every client. It answers with a
   aggregates that one update as if a single client had sent it, so that e.g. FedSVD still
   re-factorizes and FFA-LoRA still keeps A fixed.
 
-Each rule's math lives in its own module (zprobe.py, krum.py, median.py, trimmed_mean.py), its
+Each rule's math lives in its own module (zprobe.py, krum.py, median.py, trimmed_mean.py,
+centered_clipping.py, rfa.py; bucketing.py wraps any of them), its
 `Defence` class below the math; `strategies.DEFENCES` registers them by name. A round with
 fewer valid replies than a defence needs (`min_clients`) fails closed: nothing is kept and the
 round is skipped, since unscreened updates are what a defence exists to stop.
@@ -22,10 +23,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from fedlora.config import StrategyConfig
 
 
 @dataclass
@@ -55,6 +59,11 @@ class Defence(ABC):
         if not 0.0 <= phi_max < 0.5:
             raise ValueError(f"phi_max must be in [0, 0.5), got {phi_max}")
         self.phi_max = phi_max
+
+    @classmethod
+    def from_config(cls, config: StrategyConfig) -> Defence:
+        """The defence with the options `[strategy]` sets (phi_max; a rule's own keys where it has some)."""
+        return cls(config.phi_max)
 
     @abstractmethod
     def screen(self, updates: Tensor, weights: Tensor, seed: int) -> Screening:

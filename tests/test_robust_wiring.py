@@ -127,7 +127,10 @@ def test_a_defence_with_too_few_replies_fails_closed() -> None:
 
 
 def test_registry_and_config_refuse_unknown_names_and_impossible_rounds() -> None:
-    assert set(DEFENCES) == {"zprobe", "zprobe_refined", "krum", "multikrum", "bulyan", "median", "trimmed_mean"}
+    assert set(DEFENCES) == {
+        *("zprobe", "zprobe_refined", "krum", "multikrum", "bulyan", "median", "trimmed_mean"),
+        *("centered_clipping", "rfa"),
+    }
     assert defence_class("none") is None
     with pytest.raises(ConfigError, match="unknown defence 'krumm'"):
         defence_class("krumm")
