@@ -11,12 +11,17 @@ defence (strategies/robust.py) between validation and aggregation. What happened
 
 Reply hygiene, all of it here: one reply per sampled node and round (a second is refused);
 replies from nodes outside the federation or not sampled this round are refused; every metric
-must be a finite number; `num-examples` must equal the count the client declared at the
+must be a finite number within float32's range; `num-examples` must equal the count the client declared at the
 handshake (the weight comes from the declaration, `fedlora.roster`, never from a reply); the
 arrays must be exactly the factors the client was asked to train, with the global state's
-shapes and dtypes, all finite; then the strategy's own check and the server's checks
+shapes and dtypes, all finite and bounded (below); then the strategy's own check and the server's checks
 (`reply_checks`, e.g. the privacy ledger) run. Each refusal is recorded with its reason and the
 round goes on with the valid replies.
+
+The bound on values (strategies/reply_values.py): a finite value can still overflow the math, so
+a reply with a value beyond `MAX_VALUE` is refused like a NaN, and a new global state that holds
+one (or that the rule's linear algebra failed to produce) is not installed: the previous state
+stays, the round is skipped, and `last_round.extra["not_installed"]` says why.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from fedlora.config import MIXED_RANK_STRATEGIES, ConfigError, ExperimentConfig,
 from fedlora.lora import LoraRecordError, LoraState
 from fedlora.roster import Roster, Weighting
 from fedlora.seeds import derive_seed
+from strategies.reply_values import check_against, finite_metrics, state_problem
 from strategies.robust import Defence
 
 # Keys of the records exchanged with clients (shared with clients/app.py by convention,
@@ -296,8 +302,17 @@ class LoraStrategy(Strategy):
                 len(kept),
             )
             return None, None
-        new_state = self._aggregate([robust_update] if robust_update else kept)
+        try:
+            new_state = self._aggregate([robust_update] if robust_update else kept)
+            problem = state_problem(new_state)
+        except torch.linalg.LinAlgError as err:  # e.g. an SVD that does not converge
+            problem = f"the aggregation's linear algebra failed: {err}"
         round_log.aggregate_seconds = time.perf_counter() - started
+        if problem:  # keep the previous state rather than install a broken one
+            round_log.skipped = True
+            round_log.extra["not_installed"] = problem
+            log(WARNING, "round %d: new global state not installed: %s", server_round, problem)
+            return None, None
         self.global_state = new_state
         return new_state.to_array_record(), self._train_metrics(kept)
 
@@ -312,7 +327,7 @@ class LoraStrategy(Strategy):
             client = self.clients.get(message.metadata.src_node_id)
             if client is None or message.has_error() or METRICS_KEY not in message.content:
                 continue
-            metrics = _finite_metrics(message.content[METRICS_KEY])
+            metrics = finite_metrics(message.content[METRICS_KEY])
             if isinstance(metrics, dict):
                 rows.append((self.weights[client], metrics))
         if not rows:
@@ -396,7 +411,7 @@ class LoraStrategy(Strategy):
         metrics_record = content.metric_records.get(METRICS_KEY)
         if metrics_record is None:
             return "reply has no metrics"
-        metrics = _finite_metrics(metrics_record)
+        metrics = finite_metrics(metrics_record)
         if isinstance(metrics, str):
             return metrics
         self.last_round.client_metrics[client_id] = metrics
@@ -430,64 +445,9 @@ class LoraStrategy(Strategy):
 
     def _train_metrics(self, updates: list[ClientUpdate]) -> MetricRecord:
         total = sum(u.weight for u in updates)
-        loss = sum(u.metrics.get("train-loss", 0.0) * u.weight for u in updates) / total
+        # Weights normalised first: a mean of metrics within MAX_METRIC then stays within it.
+        loss = sum(u.metrics.get("train-loss", 0.0) * (u.weight / total) for u in updates)
         return MetricRecord({"train-loss": loss, "num-replies": len(updates)})
-
-
-def _finite_metrics(record: MetricRecord) -> dict[str, float] | str:
-    """The record's metrics as floats, or why they are refused (a value that is not a finite number)."""
-    metrics: dict[str, float] = {}
-    for key, value in record.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return f"metric {key} is not a finite number (got {value!r})"
-        metrics[key] = float(value)
-    return metrics
-
-
-def check_against(state: LoraState, reference: LoraState, trains: str, train_head: bool) -> str | None:
-    """Why a client's state does not match what it was asked to train, or None if it does."""
-    if set(state.factors) != set(reference.factors):
-        missing = sorted(set(reference.factors) - set(state.factors))[:2]
-        extra = sorted(set(state.factors) - set(reference.factors))[:2]
-        return f"wrong layers (missing {missing}, unexpected {extra})"
-    for layer, parts in state.factors.items():
-        if set(parts) != set(trains):
-            return f"layer {layer}: sent factors {sorted(parts)}, expected {sorted(trains)}"
-        for part, tensor in parts.items():
-            problem = _tensor_problem(tensor, reference.factors[layer][part], f"{layer}.{part}")
-            if problem:
-                return problem
-    expected_head = set(reference.head) if train_head else set()
-    if set(state.head) != expected_head:
-        return f"head parameters {sorted(state.head)}, expected {sorted(expected_head)}"
-    for name, tensor in state.head.items():
-        problem = _tensor_problem(tensor, reference.head[name], f"head.{name}")
-        if problem:
-            return problem
-    return None
-
-
-def _tensor_problem(tensor: torch.Tensor, reference: torch.Tensor, key: str) -> str | None:
-    if tensor.shape != reference.shape:
-        return f"{key}: shape {tuple(tensor.shape)}, expected {tuple(reference.shape)}"
-    if tensor.dtype != reference.dtype:
-        return f"{key}: dtype {tensor.dtype}, expected {reference.dtype}"
-    if tensor.is_floating_point() and tensor.numel() and not _finite(tensor):
-        return f"{key}: contains NaN or Inf"
-    return None
-
-
-def _finite(tensor: torch.Tensor) -> bool:
-    """Whether every value is finite, by reductions that write no mask as large as the tensor.
-
-    A NaN or an infinity makes the sum NaN or infinite, so a finite sum settles it in one pass;
-    a sum that is not finite may also be an overflow of large finite values, which min and max
-    (they propagate NaN and keep the infinities) tell apart.
-    """
-    if math.isfinite(tensor.sum().item()):
-        return True
-    low, high = torch.aminmax(tensor)
-    return math.isfinite(low.item()) and math.isfinite(high.item())
 
 
 def weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,13 @@ is the same code in both:
   Eq. 2 (`eq2_samples`).
 The raw updates stay inside the prover and uploader closures: a filter that receives only masked
 vectors, cluster sums and proof bits cannot see an individual update.
+
+The ring has a fixed scale: one client cannot change the encoding of the others. What keeps a
+single client from breaking it is the reply hygiene (strategies/base.py, its bound in strategies/reply_values.py): a reply with a value
+beyond `MAX_VALUE` (2^16) is refused with its reason before any defence runs, and the global
+state never holds one either, so an update is at most 2^17 in magnitude and any cluster of fewer
+than 2^13 = 8192 clients sums inside the ring. `mask_updates` still raises on a
+vector that does not fit, for callers that skip the hygiene.
 """
 
 from __future__ import annotations

@@ -81,6 +81,9 @@ def broken_replies() -> dict[str, Message]:
     inf = perturbed(3)
     inf.head["classifier.bias"][1] = math.inf
     cases["Inf"] = client_reply(104, inf)
+    huge = perturbed(3)
+    huge.factors["layer0"]["A"][1, 2] = 1e6  # finite, but beyond what the aggregation can take
+    cases["exceeds the bound"] = client_reply(104, huge)
     cases["client error"] = Message(metadata=client_reply(104, perturbed(3)).metadata, error=Error(code=0, reason="boom"))
     cases["num-examples 0"] = client_reply(104, perturbed(3), num_examples=0)
     cases["num-examples 1e12"] = client_reply(104, perturbed(3), num_examples=1e12)
@@ -88,6 +91,7 @@ def broken_replies() -> dict[str, Message]:
     cases["metric num-examples is not a finite number (got inf)"] = client_reply(104, perturbed(3), num_examples=math.inf)
     cases["metric num-examples is not a finite number (got nan)"] = client_reply(104, perturbed(3), num_examples=math.nan)
     cases["metric train-loss is not a finite number"] = client_reply(104, perturbed(3), train_loss=math.nan)
+    cases["metric train-loss is too large to aggregate"] = client_reply(104, perturbed(3), train_loss=1e308)
     return cases
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from strategies.reply_values import MAX_VALUE
 from strategies.zprobe_protocol import (
     FIXED_POINT_BITS,
+    _to_ring,
     cluster_sums,
     eq2_samples,
     make_prover,
@@ -103,3 +106,11 @@ def test_eq2_sample_size_and_coordinate_sample() -> None:
     coords = sample_coordinates(100, 17, torch.Generator().manual_seed(0))
     assert coords.shape == (17,) and len(set(coords.tolist())) == 17 and coords.tolist() == sorted(coords.tolist())
     assert torch.equal(sample_coordinates(10, 17, torch.Generator().manual_seed(0)), torch.arange(10))
+
+
+def test_every_update_the_reply_hygiene_accepts_fits_the_ring_in_clusters_below_8192() -> None:
+    """Replies and the global state hold values within MAX_VALUE, so an update is at most 2 MAX_VALUE."""
+    largest = torch.full((3,), 2 * MAX_VALUE)
+    assert _to_ring(largest, 2**13 - 1).dtype == np.uint64
+    with pytest.raises(ValueError, match="too large"):
+        _to_ring(largest, 2**13)
