@@ -222,6 +222,8 @@ def test_any_lost_history_lines_leave_the_run_out_with_the_disagreement(copies, 
     kept, excluded = read_runs([runs])
     assert [run.name for run in kept] == ["a"]
     assert [(e.path.name, e.records) for e in excluded] == [("b", True)] and "history.jsonl" in excluded[0].reason
+    message = one_line_refusal("report", str(runs / "b"))  # nothing else to report
+    assert message.startswith(f"error: no run to report: b: {excluded[0].reason}")
 
 
 # --- case 6: runs on different held-out sets are never ranked together --------------------------
