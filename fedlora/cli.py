@@ -113,6 +113,15 @@ SetOption = Annotated[
 ]
 
 
+BaselineOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--baseline",
+        help="The variant the others are tested against, by a setting it alone has: KEY=VALUE (repeatable; default: the first variant).",
+    ),
+]
+
+
 @cli.command()
 def simulate(
     config_path: Annotated[
@@ -290,15 +299,6 @@ def compare(
             soft_wrap=True,
         )
         raise typer.Exit(1)
-
-
-BaselineOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--baseline",
-        help="The variant the others are tested against, by a setting it alone has: KEY=VALUE (repeatable; default: the first variant).",
-    ),
-]
 
 
 @cli.command()

@@ -293,6 +293,10 @@ def test_report_folder_writes_into_that_folder_so_sibling_reports_do_not_overwri
     assert [row["run"] for row in read_csv(tmp_path / "second" / "results.csv")] == ["b"]
     code, output = run_cli("report", str(tmp_path / "first" / "a"))
     assert code == 0 and (tmp_path / "first" / "a" / "report" / "report.html").exists()
+    make_run(tmp_path / "first" / "c", ["seed=2"])
+    shutil.rmtree(tmp_path / "first" / "a")
+    assert run_cli("report", str(tmp_path / "first"))[0] == 0  # a folder's own report follows what it holds
+    assert [row["run"] for row in read_csv(tmp_path / "first" / "results.csv")] == ["c"]
 
 
 def test_a_report_of_other_runs_is_replaced_only_with_overwrite(tmp_path: Path) -> None:

@@ -59,7 +59,7 @@ def write_report(
     runs, excluded = read_runs(paths)
     comparison = compare(runs, excluded, baseline)
     out = Path(out)
-    _check_out(out, comparison, overwrite)
+    _check_out(out, comparison, overwrite or _is_one_of(out, paths))
     plots = plotting.make_plots(comparison)
     base_toml = config_toml(comparison.base_config)
     files: dict[str, bytes] = {f"{key}.png": data for key, data in plots.items()}
@@ -76,6 +76,11 @@ def write_report(
     )
 
 
+def _is_one_of(out: Path, paths: list[Path]) -> bool:
+    """Whether the report goes into one of the folders it reports (its own report, whatever ran since)."""
+    return any(out.resolve() == Path(path).resolve() for path in paths)
+
+
 def _check_out(out: Path, comparison: Comparison, overwrite: bool) -> None:
     """Refuse an `out` that is a file, or (without `overwrite`) that holds a report of runs other than these."""
     if out.exists() and not out.is_dir():
@@ -86,7 +91,7 @@ def _check_out(out: Path, comparison: Comparison, overwrite: bool) -> None:
     ours = {str(run.run_dir.resolve()) for run in comparison.runs} | {str(e.path.resolve()) for e in comparison.excluded}
     try:
         with previous.open(newline="") as handle:
-            theirs = {row["run_dir"] for row in csv.DictReader(handle)}
+            theirs = {str(Path(row["run_dir"]).resolve()) for row in csv.DictReader(handle)}
     except (KeyError, UnicodeDecodeError, csv.Error):
         theirs = {"?"}
     if not theirs <= ours:

@@ -117,7 +117,7 @@ def _unfinished_reason(run_dir: Path, known_error: str | None) -> str | None:
 
 
 def _has_history(run_dir: Path) -> bool:
-    return (run_dir / HISTORY).is_file() and bool((run_dir / HISTORY).read_text().strip())
+    return (run_dir / HISTORY).is_file() and bool(read_text(run_dir / HISTORY).strip())
 
 
 # --- reading one run ------------------------------------------------------------------------
@@ -153,12 +153,21 @@ def load_run(run_dir: Path, name: str | None = None) -> RunResult:
     )
 
 
-def read_object(path: Path) -> dict[str, Any]:
-    """A JSON file that must hold an object."""
+def read_text(path: Path) -> str:
+    """A run file's text; one that cannot be read, or is not text, stops the report naming it."""
     try:
-        value = json.loads(path.read_text())
+        return path.read_text()
     except UnicodeDecodeError:
         raise ReportError(f"{path}: not a text file{DAMAGED}") from None
+    except OSError as err:
+        raise ReportError(f"{path}: cannot be read ({err.strerror}){DAMAGED}") from None
+
+
+def read_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object."""
+    text = read_text(path)
+    try:
+        value = json.loads(text)
     except ValueError as err:
         raise ReportError(f"{path}: not valid JSON ({err}){DAMAGED}") from None
     if not isinstance(value, dict):
@@ -186,7 +195,7 @@ def read_summary(path: Path) -> dict[str, Any]:
 def read_history(path: Path) -> list[dict[str, Any]]:
     """history.jsonl, every line an object with the figures the report reads (a torn last line, cut
     short by a kill before its newline, is left out as fedlora.results.read_history does)."""
-    text = path.read_text()
+    text = read_text(path)
     lines = text.splitlines()
     if lines and not text.endswith("\n"):
         lines = lines[:-1]
