@@ -2,7 +2,7 @@
 
     report.html    one self-contained file: CSS inline, plots as base64 PNG; opens offline
     report.md      the same tables, with the plots beside it as PNG files
-    results.csv    one row per run
+    results.csv    one row per run, each variant's paired differences from its baseline; runs left out: why
     config.toml    the settings every run shares: each run is `fedlora simulate config.toml`
                    with the `--set` overrides the report lists for it
 
