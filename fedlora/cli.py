@@ -17,7 +17,7 @@ from typer.utils import get_params_from_function
 
 from fedlora.config import ConfigError, ExperimentConfig, config_from_dict, load_config, read_config_file
 from fedlora.interrupt import EXIT_CODE, RunInterrupted, stop_on_signals
-from fedlora.report import SWEEP_INDEX, ReportError, ReportFiles, counted, winners, write_report
+from fedlora.report import ReportError, ReportFiles, counted, default_out, headline, write_report
 from fedlora.results import RUN_REPORT_DIR, RoundRecord, default_run_dir, finished_summary, package_versions, resumable_config
 
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # click hands it down to every subcommand
@@ -110,6 +110,15 @@ def _root(
 
 SetOption = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable).")
+]
+
+
+BaselineOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--baseline",
+        help="The variant the others are tested against, by a setting it alone has: KEY=VALUE (repeatable; default: the first variant).",
+    ),
 ]
 
 
@@ -272,6 +281,7 @@ def compare(
     out: Annotated[
         Path | None, typer.Option("--out", help="Sweep directory (default: output.dir/compare-<config name>).")
     ] = None,
+    baseline: BaselineOption = None,
 ) -> None:
     """Run every variant of a config's sweep section (finished runs are kept), then write one report."""
     from fedlora.sweep import load_sweep, run_sweep  # imports Flower and the strategies
@@ -280,7 +290,7 @@ def compare(
     out_dir = out or sweep.default_out()
     with stop_on_signals(lambda note: console.print(note, highlight=False)) as stop:
         outcomes = run_sweep(sweep, out_dir, console, stop)
-    files = write_report([out_dir], out_dir, f"fedlora compare: {config_path.stem}")  # its sweep.json lists the runs
+    files = write_report([out_dir], out_dir, f"fedlora compare: {config_path.stem}", baseline)  # its sweep.json lists the runs
     _print_report(files)
     failed = [outcome for outcome in outcomes if outcome.status == "failed"]
     if failed:
@@ -298,30 +308,31 @@ def report(
     ],
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Report directory (default: the sweep directory, or <parent of the runs>/report)."),
+        typer.Option(
+            "--out",
+            help="Report directory (default: the sweep directory or folder of runs given, a run directory's report/, "
+            "or report/ in the folder several paths share).",
+        ),
     ] = None,
+    baseline: BaselineOption = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a report of other runs already in the report directory.")
+    ] = False,
 ) -> None:
     """Write the comparison report (HTML, Markdown, CSV, plots) from existing run directories."""
-    if out is None:
-        single_sweep = len(run_dirs) == 1 and (run_dirs[0] / SWEEP_INDEX).exists()
-        out = run_dirs[0] if single_sweep else run_dirs[0].resolve().parent / "report"
-    _print_report(write_report(run_dirs, out))
+    _print_report(write_report(run_dirs, out or default_out(run_dirs), baseline=baseline, overwrite=overwrite))
 
 
 def _print_report(files: ReportFiles) -> None:
-    """What the report found, in a line or two, and where it is."""
+    """What the report found, in a line per held-out set, and where it is."""
     comparison = files.comparison
-    best = winners(comparison)
-    mean = best[0].stat(lambda run: run.final_accuracy)[0]
     counts = f"{counted(len(comparison.runs), 'run')}, {counted(len(comparison.variants), 'variant')}"
-    if len(comparison.variants) == 1:
-        found = f"final accuracy {mean:.4f}" if len(comparison.runs) == 1 else f"mean final accuracy {mean:.4f}"
-    else:
-        labels = [f"{v.label} ({v.description})" if comparison.keyed else v.label for v in best]
-        found = f"best final accuracy {mean:.4f}: {' and '.join(labels)}{' (tied)' if len(best) > 1 else ''}"
-    console.print(f"\n[bold]{counts}[/bold]; {escape(found)}", highlight=False, soft_wrap=True)
+    found = headline(comparison)
+    console.print(f"\n[bold]{counts}[/bold]; {escape(found[0])}", highlight=False, soft_wrap=True)
+    for line in found[1:]:
+        console.print(escape(line), highlight=False, soft_wrap=True)
     if comparison.excluded:
-        console.print(f"not included: {counted(len(comparison.excluded), 'run')} that failed or did not finish")
+        console.print(f"not included: {counted(len(comparison.excluded), 'run')} (see the report for why)")
     console.print(f"report: {files.html}\n        {files.markdown}\n        {files.csv}", highlight=False, soft_wrap=True)
 
 

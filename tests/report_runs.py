@@ -6,10 +6,11 @@ plotted point must be without running a federation.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from fedlora.results import RoundRecord, RunRecorder
-from tests.conftest import tiny_config
+from tests.conftest import causal_config, tiny_config
 
 # Six keys that differ among the runs of `many_key_runs`, with long values, as a real sweep over
 # strategies, privacy, attacks and defences would have them.
@@ -79,14 +80,16 @@ def make_run(
     finished: bool = True,
     defence_name: str | None = None,
     train_loss: bool = True,
+    causal: bool = False,
 ) -> Path:
-    """A run directory of the tiny config with `overrides`; accuracy 0.2 + 0.1 round + quality.
+    """A run directory of the tiny config (the tiny causal-LM config where `causal`, its history then
+    recording perplexity exp(loss)) with `overrides`; accuracy 0.2 + 0.1 round + quality.
 
     Bytes up are a constant 1_229_000 a round for FedIT (half for B-only strategies), down twice
     that; epsilon 0.7 a round where privacy is on; attackers are clients 2 and 3, the defence
     flags client 2 (and honest client 0 in odd rounds) and records `defence_name`.
     """
-    config = tiny_config(*overrides, "federation.num_clients=6", "federation.clients_per_round=6")
+    config = (causal_config if causal else tiny_config)(*overrides, "federation.num_clients=6", "federation.clients_per_round=6")
     recorder = RunRecorder(run_dir, config)
     b_only = config.strategy.name in ("ffa_lora", "fedsvd")
     attacked = config.attack.name != "none"
@@ -104,6 +107,7 @@ def make_run(
                 round=round_,
                 accuracy=round(0.2 + 0.1 * round_ + quality, 6),
                 loss=2.0 / (round_ + 1),
+                perplexity=math.exp(2.0 / (round_ + 1)) if causal else None,
                 bytes_up=(614_500 if b_only else 1_229_000) if round_ else 0,
                 bytes_down=2_458_000 if round_ else 0,
                 seconds=3.0 if round_ else 0.0,

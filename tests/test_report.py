@@ -427,8 +427,10 @@ def test_a_failed_run_is_recorded_the_sweep_goes_on_and_the_report_says_so(
     assert "client 2 ran out of memory" in (failed / "error.txt").read_text()
     index = json.loads((out / "sweep.json").read_text())
     assert [r["status"] for r in index["runs"]] == ["finished", "finished", "finished", "failed"]
-    rows = read_csv(out / "results.csv")
-    assert len(rows) == 3
+    rows = [row for row in read_csv(out / "results.csv") if not row["not_included"]]
+    (failed_row,) = [row for row in read_csv(out / "results.csv") if row["not_included"]]
+    assert len(rows) == 3 and "client 2 ran out of memory" in failed_row["not_included"]
+    assert failed_row["run_dir"] == str(failed.resolve()) and failed_row["final_accuracy"] == ""
     assert {float(r["final_epsilon"]) for r in rows} == {1.6}
     assert {float(r["tpr"]) for r in rows} == {1.0} and {float(r["fpr"]) for r in rows} == {0.0}
     markdown = (out / "report.md").read_text()

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.report.data import MAX_LABEL, ReportError, compare, find_runs, load_run, short_keys, variant_label
+from fedlora.report.data import MAX_LABEL, ReportError, compare, short_keys, variant_label
+from fedlora.report.reading import find_runs, load_run
 from tests.report_runs import MANY_KEYS, make_run, many_key_runs
 
 

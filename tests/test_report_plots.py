@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.report.data import MAX_LABEL, compare, find_runs, load_run
+from fedlora.report.data import MAX_LABEL, compare
 from fedlora.report.plots import (
     PLOTS,
     legend_labels,
@@ -17,6 +17,7 @@ from fedlora.report.plots import (
     plot_loss,
     plot_time,
 )
+from fedlora.report.reading import find_runs, load_run
 from tests.report_runs import ROUNDS, make_run, many_key_runs
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.report.data import compare, find_runs, load_run
-from fedlora.report.tables import counted, key_table, notes, runs_table, summary_table
+from fedlora.report.data import compare
+from fedlora.report.reading import find_runs, load_run
+from fedlora.report.tables import counted, key_table, notes, ranking_note, runs_table, summary_table
 from tests.report_runs import MANY_KEYS, make_run, many_key_runs
 
 
@@ -70,14 +71,16 @@ def test_the_runs_table_has_a_row_per_run_with_its_seed_and_variant(many) -> Non
 
 
 def test_the_winner_note_is_short_and_counts_come_in_singular_and_plural(many, tmp_path: Path) -> None:
-    (winner, excluded) = notes(many)
+    winner = ranking_note(many.groups[0])
+    (excluded,) = notes(many)
     assert winner[0].startswith("Winner: V1, final accuracy 0.7050 ± 0.0071 over 2 seeds. Runner-up: V2,")
-    assert "=" not in winner[0] and len(winner[0]) < 200
+    assert "Its lead is significant" in winner[0] and winner[1] is False  # V1 leads on both seeds
+    assert "=" not in winner[0] and len(winner[0]) < 400
     assert excluded == ("1 run is not included (failed or not finished): see the list below.", True)
     assert counted(1, "run") == "1 run" and counted(2, "variant") == "2 variants" and counted(0, "seed") == "0 seeds"
     make_run(tmp_path / "one", [])
     single = comparison_of(tmp_path / "one")
-    assert notes(single) == [("One run: nothing to rank.", False)]
+    assert ranking_note(single.groups[0]) == ("One run: nothing to rank.", False) and notes(single) == []
     assert as_dicts(summary_table(single))[0]["rank"] == "1" and summary_table(single).highlight == set()
 
 

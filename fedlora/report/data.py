@@ -9,12 +9,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlora.config import _parse_value
 from fedlora.report.reproduce import override_value, set_nested
-from fedlora.results import CONFIG, HISTORY, SUMMARY, communication_mb, read_history, read_summary
+from fedlora.results import communication_mb
 
-SWEEP_INDEX = "sweep.json"  # written by fedlora.sweep
-ERROR_FILE = "error.txt"
 NO_SPREAD = "—"
+# The config keys that decide the server's held-out set, whatever the task (the partition keys
+# are not among them: they split the training data only).
+HELD_OUT_KEYS = (
+    "data.source",
+    "data.hf_config",
+    "data.train_split",  # without a test split, the held-out set is carved from it
+    "data.test_split",
+    "data.test_fraction",
+    "data.num_test",
+    "data.max_test_examples",
+    "data.drop_missing_labels",
+)
+CLASSIFICATION_HELD_OUT_KEYS = ("data.text_column", "data.label_column")
+CAUSAL_HELD_OUT_KEYS = (
+    "data.num_train",  # the built-in instruction task keeps training prompts out of its held-out set
+    "data.exact_match_examples",
+    "data.format",
+    "data.instruction_column",
+    "data.input_column",
+    "data.output_column",
+    "data.messages_column",
+)
 MAX_LABEL = 60  # longer variant labels cover the plots: the variants are then named V1, V2, ... with a key table
 
 
@@ -162,15 +183,28 @@ class Variant:
 
 @dataclass
 class Excluded:
-    """A run directory the report could not use, and why."""
+    """A run directory the report could not use, and why; `records`: its history and summary disagree."""
 
     path: Path
     reason: str
+    records: bool = False
+
+
+@dataclass
+class Group:
+    """Variants evaluated on the same held-out set (same task and test data): they are ranked among
+    themselves, never against another group's."""
+
+    settings: dict[str, Any]  # the held-out settings that set it apart from the other groups; {} for one group
+    label: str
+    variants: list[Variant]  # best mean final accuracy first
+    baseline: Variant  # what the others are tested against: the first in run order, or --baseline's
 
 
 @dataclass
 class Comparison:
-    """Runs grouped into variants, sorted by mean final accuracy (best first)."""
+    """Runs grouped into variants and the variants into groups by held-out set; `variants` runs
+    group by group, each group's sorted by mean final accuracy (best first)."""
 
     runs: list[RunResult]
     fields: list[str]
@@ -178,6 +212,11 @@ class Comparison:
     base_config: dict[str, Any]
     overrides: dict[str, list[str]]  # run name -> the --set items that reproduce it
     excluded: list[Excluded] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)
+
+    def group_of(self, variant: Variant) -> Group:
+        """The group a variant is ranked in."""
+        return next(group for group in self.groups if variant in group.variants)
 
     @property
     def has_epsilon(self) -> bool:
@@ -215,73 +254,7 @@ class Comparison:
         return any(v.label != v.description for v in self.variants)
 
 
-# --- reading runs -------------------------------------------------------------------------
-
-
-def find_runs(paths: list[Path]) -> tuple[list[Path], list[Excluded]]:
-    """Finished run directories among `paths` (a sweep directory stands for its runs), and the rest."""
-    finished: list[Path] = []
-    excluded: list[Excluded] = []
-    seen: set[Path] = set()
-    for path in map(Path, paths):
-        if not path.is_dir():
-            raise ReportError(f"{path}: no such run or sweep directory")
-        for candidate, known_error in _expand(path):
-            resolved = candidate.resolve()
-            if resolved in seen:
-                continue
-            seen.add(resolved)
-            reason = _unfinished_reason(candidate, known_error)
-            if reason is None:
-                finished.append(candidate)
-            else:
-                excluded.append(Excluded(candidate, reason))
-    if not finished:
-        where = ", ".join(str(p) for p in paths)
-        raise ReportError(f"no finished runs in {where}; run `fedlora compare CONFIG` or `fedlora simulate CONFIG` first")
-    return finished, excluded
-
-
-def _expand(path: Path) -> list[tuple[Path, str | None]]:
-    if any((path / name).exists() for name in (CONFIG, SUMMARY, HISTORY, ERROR_FILE)):
-        return [(path, None)]
-    if (path / SWEEP_INDEX).exists():
-        try:
-            index = json.loads((path / SWEEP_INDEX).read_text())
-            return [(path / run["name"], run.get("error")) for run in index["runs"]]
-        except (ValueError, KeyError, TypeError) as err:
-            raise ReportError(f"{path / SWEEP_INDEX}: unreadable sweep index ({err}); re-run `fedlora compare`") from None
-    runs = sorted(child for child in path.iterdir() if (child / CONFIG).exists())
-    if not runs:
-        raise ReportError(f"{path}: neither a run directory (config.json) nor a sweep directory (sweep.json)")
-    return [(run, None) for run in runs]
-
-
-def _unfinished_reason(run_dir: Path, known_error: str | None) -> str | None:
-    try:
-        summary = json.loads((run_dir / SUMMARY).read_text())
-        if summary.get("status") == "finished" and (run_dir / CONFIG).exists() and read_history(run_dir):
-            return None
-    except (OSError, ValueError):
-        pass
-    if (run_dir / ERROR_FILE).exists():
-        lines = (run_dir / ERROR_FILE).read_text().strip().splitlines()
-        return f"failed: {lines[0] if lines else 'see error.txt'}"
-    if known_error:
-        return f"failed: {known_error}"
-    return "not finished" if run_dir.exists() else "not started"
-
-
-def load_run(run_dir: Path, name: str | None = None) -> RunResult:
-    """A finished run directory's config, summary and history."""
-    run_dir = Path(run_dir)
-    return RunResult(
-        name=name or run_dir.name,
-        run_dir=run_dir,
-        config=json.loads((run_dir / CONFIG).read_text()),
-        summary=read_summary(run_dir),
-        history=read_history(run_dir),
-    )
+# --- per-round figures -----------------------------------------------------------------
 
 
 def record_value(record: dict[str, Any], key: str) -> Any:
@@ -328,8 +301,9 @@ def detection_of(record: dict[str, Any]) -> tuple[float | None, float | None]:
 # --- grouping -----------------------------------------------------------------------------
 
 
-def compare(runs: list[RunResult], excluded: list[Excluded] | None = None) -> Comparison:
-    """Group runs into variants by their config differences (seed and output aside)."""
+def compare(runs: list[RunResult], excluded: list[Excluded] | None = None, baseline: list[str] | None = None) -> Comparison:
+    """Group runs into variants by their config differences (seed and output aside), and variants
+    into groups by held-out set; `baseline`: KEY=VALUE items that pick each group's baseline."""
     flat = {run.name: _flatten(run.config) for run in runs}
     keys: list[str] = []
     for values in flat.values():
@@ -347,7 +321,8 @@ def compare(runs: list[RunResult], excluded: list[Excluded] | None = None) -> Co
         members.sort(key=lambda run: seed_order(run.seed))
         description = variant_label(settings, names)
         variants.append(Variant(settings=settings, label=description, runs=members, description=description))
-    variants.sort(key=lambda v: -(v.stat(lambda run: run.final_accuracy)[0] or 0.0))  # stable: ties keep run order
+    groups = _held_out_groups(variants, flat, _baseline_settings(baseline or [], fields))
+    variants = [variant for group in groups for variant in group.variants]
     if any(len(v.label) > MAX_LABEL for v in variants):
         for number, variant in enumerate(variants, 1):
             variant.label = f"V{number}"
@@ -363,7 +338,68 @@ def compare(runs: list[RunResult], excluded: list[Excluded] | None = None) -> Co
         ]
         for run in runs
     }
-    return Comparison(runs, fields, variants, base, overrides, list(excluded or []))
+    return Comparison(runs, fields, variants, base, overrides, list(excluded or []), groups)
+
+
+def held_out_settings(flat_config: dict[str, Any]) -> dict[str, Any]:
+    """The settings that decide a run's held-out set, and so what its accuracy measures."""
+    task = flat_config.get("model.task") or "classification"
+    keys = HELD_OUT_KEYS + (CAUSAL_HELD_OUT_KEYS if task == "causal_lm" else CLASSIFICATION_HELD_OUT_KEYS)
+    return {"model.task": task, **{key: flat_config.get(key) for key in keys}}
+
+
+def _held_out_groups(variants: list[Variant], flat: dict[str, dict[str, Any]], baseline: dict[str, Any]) -> list[Group]:
+    """Variants grouped by held-out set (groups and baselines in run order, each group best first)."""
+    held_out = [held_out_settings(flat[v.runs[0].name]) for v in variants]
+    members: dict[str, list[int]] = {}
+    for index, settings in enumerate(held_out):
+        members.setdefault(canonical(settings), []).append(index)
+    names = short_keys(list(dict.fromkeys(k for settings in held_out for k in settings)))
+    groups = []
+    for indices in members.values():
+        settings = _distinguishing(held_out[indices[0]], [held_out[i[0]] for i in members.values()])
+        in_run_order = [variants[i] for i in indices]
+        ranked = sorted(in_run_order, key=lambda v: -(v.stat(lambda run: run.final_accuracy)[0] or 0.0))  # stable
+        label = variant_label(settings, names) if settings else "all runs"
+        groups.append(Group(settings, label, ranked, _pick_baseline(in_run_order, baseline, label)))
+    return groups
+
+
+def _distinguishing(ours: dict[str, Any], every: list[dict[str, Any]]) -> dict[str, Any]:
+    """The held-out settings that tell `ours` apart: the task where tasks differ, and the keys that
+    differ among the sets of its task (a causal LM's exact_match_examples says nothing beside a classifier)."""
+    tasks = {settings["model.task"] for settings in every}
+    same_task = [settings for settings in every if settings["model.task"] == ours["model.task"]]
+    differing = [k for k in ours if k != "model.task" and len({canonical(s.get(k)) for s in same_task}) > 1]
+    return ({"model.task": ours["model.task"]} if len(tasks) > 1 else {}) | {k: ours[k] for k in differing}
+
+
+def _baseline_settings(items: list[str], fields: list[str]) -> dict[str, Any]:
+    """--baseline KEY=VALUE items as settings; each key one the variants differ in."""
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            known = ", ".join(fields) or "none: only the seed differs"
+            raise ReportError(f"--baseline {item}: give KEY=VALUE with a key the variants differ in ({known})")
+        settings[key] = _parse_value(text.strip())
+    return settings
+
+
+def _pick_baseline(variants: list[Variant], baseline: dict[str, Any], group: str) -> Variant:
+    """The variant whose settings match `baseline`, or the first (in run order) without one."""
+    if not baseline:
+        return variants[0]
+    matching = [v for v in variants if all(canonical(v.settings[k]) == canonical(value) for k, value in baseline.items())]
+    if len(matching) != 1:
+        asked = ", ".join(f"{k}={override_value(value)}" for k, value in baseline.items())
+        found = "none" if not matching else "; ".join(v.description for v in matching)
+        raise ReportError(
+            f"--baseline {asked}: {len(matching)} variants of {group} match ({found}); "
+            "give settings that pick exactly one (repeat --baseline for more keys)"
+        )
+    return matching[0]
 
 
 def short_keys(keys: list[str]) -> dict[str, str]:

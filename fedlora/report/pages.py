@@ -1,4 +1,4 @@
-"""The report's pages: report.html (self-contained), report.md with PNG files, results.csv, config.toml.
+"""The report's pages: report.html (self-contained) and report.md (beside its PNG files).
 
 Both pages are one list of blocks (headings, paragraphs, notes, tables, figures) rendered twice,
 so the HTML and the Markdown always say the same. Wide tables wrap their text cells and scroll
@@ -8,51 +8,27 @@ sideways inside the page; the page itself never grows wider than the window.
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import json
 import re
-import shlex
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from fedlora.report import plots as plotting
-from fedlora.report.data import Comparison, compare, find_runs, format_value, load_run, seed_order
-from fedlora.report.reproduce import config_toml
+from fedlora.report.data import Comparison, format_value, seed_order
+from fedlora.report.paired import baseline_tests
 from fedlora.report.tables import (
     BASE_CONFIG_FILE,
     Table,
-    client_seconds,
     counted,
-    fpr,
+    differences_notes,
+    differences_table,
     key_table,
     notes,
+    ranking_note,
     reproduce_table,
     runs_table,
-    server_seconds,
     summary_table,
-    tpr,
     versions_table,
 )
-
-HTML_FILE = "report.html"
-MARKDOWN_FILE = "report.md"
-CSV_FILE = "results.csv"
-
-
-@dataclass
-class ReportFiles:
-    """Where a report was written."""
-
-    out: Path
-    html: Path
-    markdown: Path
-    csv: Path
-    plots: list[Path]
-    comparison: Comparison
-
 
 CSS = """
 body{font-family:-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,"DejaVu Sans",sans-serif;max-width:1320px;margin:1.5rem auto;padding:0 1.2rem;color:#1d232b;line-height:1.45}
@@ -136,8 +112,16 @@ class Block:
 def page_blocks(comparison: Comparison, plots: set[str], base_toml: str) -> list[Block]:
     """The report, block by block, for both renderings; `plots` are the keys of the plots made."""
     blocks = [Block("meta", _meta(comparison)), Block("h2", "Summary"), Block("p", _summary_intro(comparison))]
-    blocks.append(Block("table", table=summary_table(comparison)))
-    blocks += [Block("warn" if warn else "note", text) for text, warn in notes(comparison)]
+    for group in comparison.groups:
+        if len(comparison.groups) > 1:
+            blocks.append(Block("h3", f"Held-out set: {group.label}"))
+        blocks.append(Block("table", table=summary_table(comparison, group)))
+        blocks.append(_note(*ranking_note(group)))
+    blocks += [_note(text, warn) for text, warn in notes(comparison)]
+    tests = baseline_tests(comparison)
+    if tests:
+        blocks += [Block("h2", "Differences from the baseline"), Block("table", table=differences_table(comparison, tests))]
+        blocks += [_note(text, warn) for text, warn in differences_notes(comparison, tests)]
     if comparison.keyed:
         blocks += [
             Block("h2", "Variants"),
@@ -175,12 +159,21 @@ def page_blocks(comparison: Comparison, plots: set[str], base_toml: str) -> list
     return blocks
 
 
+def _note(text: str, warn: bool) -> Block:
+    return Block("warn" if warn else "note", text)
+
+
 def _summary_intro(comparison: Comparison) -> str:
     if len(comparison.runs) == 1:
         return "The run's final figures."
     if len(comparison.variants) == 1:
         return "Mean ± standard deviation over the seeds of the one variant."
     text = "Sorted by final accuracy, mean ± standard deviation over seeds; the winner is marked ★ in the rank column."
+    if len(comparison.groups) > 1:
+        text = (
+            "One table per held-out set (task and test data): runs evaluated on different sets are never ranked "
+            "against each other. " + text.replace("the winner", "each set's winner")
+        )
     if comparison.keyed:
         text += " The variants' settings are too long for a label: they are named V1, V2, ... in this order (see Variants)."
     return text
@@ -291,76 +284,3 @@ def render_markdown(comparison: Comparison, title: str, plots: dict[str, str], b
     """The Markdown report; `plots` maps a plot to its PNG file name beside the report."""
     parts = [f"# {title}"] + [_md_block(block, plots) for block in page_blocks(comparison, set(plots), base_toml)]
     return "\n\n".join(parts) + "\n"
-
-
-# --- CSV and the files ------------------------------------------------------------------------
-
-
-def results_rows(comparison: Comparison) -> list[dict[str, Any]]:
-    """results.csv as dicts: one per run, full precision, empty where a figure is not recorded."""
-    rows = []
-    for variant in comparison.variants:
-        for run in variant.runs:
-            row: dict[str, Any] = {"run": run.name, "variant": variant.label, "settings": variant.description}
-            row.update({f: _csv_value(variant.settings[f]) for f in comparison.fields})
-            attack = run.attack
-            row.update(
-                seed=run.seed,
-                rounds=run.history[-1]["round"],
-                final_accuracy=run.final_accuracy,
-                best_accuracy=run.best_accuracy,
-                final_epsilon=run.final_epsilon,
-                target_epsilon=run.target_epsilon,
-                bytes_up=run.bytes_up,
-                bytes_down=run.bytes_down,
-                server_seconds_per_round=server_seconds(run),
-                client_seconds_per_round=client_seconds(run),
-                attack=attack[0] if attack else None,
-                attack_fraction=attack[1] if attack else None,
-                defence=" ".join(run.defences) or None,
-                tpr=tpr(run),
-                fpr=fpr(run),
-                overrides=" ".join(shlex.quote(item) for item in comparison.overrides[run.name]),
-                run_dir=str(run.run_dir),
-            )
-            rows.append({k: "" if v is None else v for k, v in row.items()})
-    return rows
-
-
-def _csv_value(value: Any) -> Any:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, dict)):
-        return json.dumps(value)
-    return value
-
-
-def write_report(paths: list[Path], out: Path, title: str = "fedlora comparison") -> ReportFiles:
-    """Read the runs under `paths` and write report.html, report.md, results.csv, plots and config.toml into `out`."""
-    run_dirs, excluded = find_runs(paths)
-    names = [d.name for d in run_dirs]
-    runs = [load_run(d, d.name if names.count(d.name) == 1 else f"{d.parent.name}/{d.name}") for d in run_dirs]
-    comparison = compare(runs, excluded)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    plots = plotting.make_plots(comparison)
-    plot_files = []
-    for key in plotting.PLOTS:
-        path = out / f"{key}.png"
-        if key in plots:
-            path.write_bytes(plots[key])
-            plot_files.append(path)
-        else:
-            path.unlink(missing_ok=True)  # a stale plot from an earlier report
-    base_toml = config_toml(comparison.base_config)
-    (out / BASE_CONFIG_FILE).write_text(
-        "# The settings every run of this report shares; see report.md for each run's --set overrides.\n" + base_toml
-    )
-    rows = results_rows(comparison)
-    with (out / CSV_FILE).open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / MARKDOWN_FILE).write_text(render_markdown(comparison, title, {k: f"{k}.png" for k in plots}, base_toml))
-    (out / HTML_FILE).write_text(render_html(comparison, title, plots, base_toml))
-    return ReportFiles(out, out / HTML_FILE, out / MARKDOWN_FILE, out / CSV_FILE, plot_files, comparison)

@@ -7,9 +7,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedlora.report.data import NO_SPREAD, Comparison, RunResult, Variant, canonical, detection_of, format_value
+from fedlora.report.data import NO_SPREAD, Comparison, Excluded, Group, RunResult, Variant, canonical, detection_of, format_value
+from fedlora.report.paired import ALPHA, BETTER, FEW_SEEDS, FIGURES, Difference, PairedTest, lead_is_significant, lead_tests
+from fedlora.results import HISTORY, SUMMARY
 
 BASE_CONFIG_FILE = "config.toml"
+FINAL = "final accuracy"
 CAUSAL_NOTE = (
     "Causal LM runs: accuracy is the exact match of greedy generations on the held-out prompts (data.exact_match_examples "
     "of them), loss the held-out token loss on the answers, perplexity exp(loss); communication is uplink plus downlink "
@@ -115,15 +118,16 @@ def _defence_columns(comparison: Comparison, defences_of: Callable[[Any], list[s
     return [Column("defence", lambda s: ", ".join(defences_of(s)) or "none", text=True)]
 
 
-def summary_table(comparison: Comparison) -> Table:
-    """One row per variant, best mean final accuracy first, the winner marked."""
-    top = winners(comparison)
-    ranked = len(comparison.variants) > 1
+def summary_table(comparison: Comparison, group: Group | None = None) -> Table:
+    """One row per variant of a group (the first by default), best mean final accuracy first, the winner marked."""
+    group = group or comparison.groups[0]
+    top = winners(group)
+    ranked = len(group.variants) > 1
 
     def rank(variant: Variant) -> str:
         if ranked and variant in top:
             return "1 ★ tied" if len(top) > 1 else "1 ★ winner"
-        return str(comparison.variants.index(variant) + 1)
+        return str(group.variants.index(variant) + 1)
 
     def stat(extract: Callable[[RunResult], float | None], digits: int = 4) -> Callable[[Variant], str]:
         return lambda variant: mean_std(*variant.stat(extract), digits=digits)
@@ -155,13 +159,13 @@ def summary_table(comparison: Comparison) -> Table:
     ]
     if comparison.has_detection:
         columns += [Column("TPR", stat(tpr, 3)), Column("FPR", stat(fpr, 3))]
-    return _table(columns, comparison.variants, set(range(len(top))) if ranked else set())
+    return _table(columns, group.variants, set(range(len(top))) if ranked else set())
 
 
-def winners(comparison: Comparison) -> list[Variant]:
-    """The variant(s) with the best mean final accuracy: more than one on a tie."""
-    means = [v.stat(lambda run: run.final_accuracy)[0] for v in comparison.variants]
-    return [v for v, mean in zip(comparison.variants, means) if mean == means[0]]
+def winners(group: Group) -> list[Variant]:
+    """The variant(s) of a group with the best mean final accuracy: more than one on a tie."""
+    means = [v.stat(lambda run: run.final_accuracy)[0] for v in group.variants]
+    return [v for v, mean in zip(group.variants, means) if mean == means[0]]
 
 
 def runs_table(comparison: Comparison) -> Table:
@@ -243,62 +247,171 @@ def reproduce_table(comparison: Comparison) -> Table:
     return Table(["run", f"fedlora simulate {BASE_CONFIG_FILE} ..."], rows, {0, 1})
 
 
-def notes(comparison: Comparison) -> list[tuple[str, bool]]:
-    """What a reader must know before trusting the ranking: (text, is a warning)."""
-    found: list[tuple[str, bool]] = []
-    variants = comparison.variants
-    first = variants[0]
-    first_mean, first_std = first.stat(lambda run: run.final_accuracy)
-    if len(variants) == 1:
+def ranking_note(group: Group) -> tuple[str, bool]:
+    """The group's winner and whether its lead is significant (paired by seed against every other
+    variant, Holm-corrected), or why nothing is ranked: (text, is a warning)."""
+    first = group.variants[0]
+    first_mean, first_std = first.stat(_final)
+    if len(group.variants) == 1:
         if len(first.runs) == 1:
-            found.append(("One run: nothing to rank.", False))
-        else:
-            found.append(
-                (
-                    f"One variant ({first.label}), {counted(first.seed_count, 'seed')}: nothing to rank; the tables show its spread.",
-                    False,
-                )
-            )
-    else:
-        second = variants[1]
-        second_mean, second_std = second.stat(lambda run: run.final_accuracy)
-        lead = first_mean - second_mean
-        text = (
-            f"Winner: {first.label}, final accuracy {mean_std(first_mean, first_std)} over {counted(first.seed_count, 'seed')}. "
-            f"Runner-up: {second.label}, {mean_std(second_mean, second_std)}."
+            return "One run: nothing to rank.", False
+        return (
+            f"One variant ({first.label}), {counted(first.seed_count, 'seed')}: nothing to rank; the tables show its spread.",
+            False,
         )
-        spread = max(first_std or 0.0, second_std or 0.0)
-        if lead == 0:
-            tied = winners(comparison)
-            found.append(
-                (
-                    f"No winner: {len(tied)} variants tie at final accuracy {first_mean:.4f} ({'; '.join(v.label for v in tied)}).",
-                    True,
-                )
-            )
-        elif first_std is None or second_std is None:
-            found.append((text + f" The lead of {lead:.4f} comes from single runs: it may be seed noise; add seeds.", True))
-        elif lead <= spread:
-            found.append(
-                (
-                    text
-                    + f" The lead of {lead:.4f} is within the spread over seeds (std up to {spread:.4f}): more seeds are needed to call it.",
-                    True,
-                )
-            )
-        else:
-            found.append((text + f" The lead of {lead:.4f} exceeds the spread over seeds (std up to {spread:.4f}).", False))
-    if comparison.has_perplexity:
-        found.append((CAUSAL_NOTE, False))
-    seed_sets = {tuple(sorted(map(str, v.seeds))) for v in variants}
-    if len(seed_sets) > 1:
-        found.append(("The variants did not all run on the same seeds: compare them with care.", True))
-    if comparison.excluded:
-        count = len(comparison.excluded)
+    tied = winners(group)
+    if len(tied) > 1:
+        return (
+            f"No winner: {len(tied)} variants tie at final accuracy {first_mean:.4f} ({'; '.join(v.label for v in tied)}).",
+            True,
+        )
+    second = group.variants[1]
+    text = (
+        f"Winner: {first.label}, final accuracy {mean_std(first_mean, first_std)} over {counted(first.seed_count, 'seed')}. "
+        f"Runner-up: {second.label}, {mean_std(*second.stat(_final))}."
+    )
+    tests = lead_tests(group)
+    untested = [t.reference.label for t in tests if not t.figures[FINAL].tested]
+    if untested:
+        return (
+            text
+            + f" Its lead over {', '.join(untested)} rests on single runs (under 2 shared seeds): it cannot be tested; add seeds.",
+            True,
+        )
+    over_runner_up = tests[0].figures[FINAL]
+    lead = f"over the runner-up {_signed(over_runner_up.mean)} (95% CI {_interval(over_runner_up)}, {counted(len(tests[0].seeds), 'shared seed')})"
+    if lead_is_significant(tests):
+        return (
+            text
+            + f" Its lead is significant: paired by seed it is better than every other variant (paired t-test, Holm-corrected, p < {ALPHA}); {lead}.",
+            False,
+        )
+    level = [t.reference.label for t in tests if t.figures[FINAL].verdict != BETTER]
+    return (
+        text
+        + f" Its lead is not significant: no difference detected against {', '.join(level)} (paired t-test, Holm-corrected); {lead}; more seeds may tell them apart.",
+        True,
+    )
+
+
+def differences_table(comparison: Comparison, tests: list[PairedTest]) -> Table:
+    """Each variant against its group's baseline: per figure the mean paired difference, its 95%
+    t-interval, the Holm-corrected p-value and the verdict."""
+    columns = (
+        [Column("test set", lambda t: comparison.group_of(t.variant).label, text=True)] if len(comparison.groups) > 1 else []
+    )
+    columns += [
+        Column("variant", lambda t: t.variant.label, text=True),
+        Column("baseline", lambda t: t.reference.label, text=True),
+        Column("shared seeds", lambda t: str(len(t.seeds))),
+    ]
+    for figure in FIGURES:
+        columns += [
+            Column(f"Δ {figure}", lambda t, f=figure: _signed(t.figures[f].mean)),
+            Column("95% CI", lambda t, f=figure: _interval(t.figures[f])),
+            Column("p (Holm)", lambda t, f=figure: _p_value(t.figures[f].p_holm)),
+            Column("verdict", lambda t, f=figure: t.figures[f].verdict, text=True),
+        ]
+    return _table(columns, tests)
+
+
+def differences_notes(comparison: Comparison, tests: list[PairedTest]) -> list[tuple[str, bool]]:
+    """How the differences were tested, which baseline, and a warning where few seeds are shared."""
+    baselines = "; ".join(
+        f"{g.baseline.label} for {g.label}" if len(comparison.groups) > 1 else g.baseline.label for g in comparison.groups
+    )
+    found = [
+        (
+            f"Baseline: {baselines} (the first variant in run order unless --baseline KEY=VALUE picks one). Paired by seed: "
+            "for every seed a variant and its baseline both ran, the variant's figure minus the baseline's. Δ is the mean of "
+            "those differences and 95% CI its t-interval on the paired differences (Student's t, n − 1 degrees of freedom, not "
+            f"adjusted for multiplicity); the verdict is better or worse where the paired t-test's p-value, Holm-corrected "
+            f"across the {counted(len(tests), 'variant')} tested in this report (figure by figure), is below {ALPHA}, else "
+            "no difference detected. Accuracy AUC: the area under the accuracy curve over the rounds both runs recorded, "
+            "divided by their span (the curve's mean height).",
+            False,
+        )
+    ]
+    few = [f"{t.variant.label} ({counted(len(t.seeds), 'shared seed')})" for t in tests if t.few_seeds]
+    if few:
         found.append(
             (
-                f"{counted(count, 'run')} {'is' if count == 1 else 'are'} not included (failed or not finished): see the list below.",
+                f"Fewer than {FEW_SEEDS} seeds shared with the baseline: {', '.join(few)}. So few pairs can hardly detect a "
+                "difference, and the t-interval assumes the differences are near normal, which they cannot show; add seeds.",
                 True,
             )
         )
     return found
+
+
+def _p_value(p: float | None) -> str:
+    if p is None:
+        return NO_SPREAD
+    return "< 1e-12" if p < 1e-12 else f"{p:.3g}"
+
+
+def _signed(value: float | None) -> str:
+    return NO_SPREAD if value is None else f"{value:+.4f}"
+
+
+def _interval(difference: Difference) -> str:
+    return NO_SPREAD if difference.low is None else f"{difference.low:+.4f} to {difference.high:+.4f}"
+
+
+def _final(run: RunResult) -> float:
+    return run.final_accuracy
+
+
+def notes(comparison: Comparison) -> list[tuple[str, bool]]:
+    """What a reader must know before trusting the report, beyond each group's ranking: (text, is a warning)."""
+    found: list[tuple[str, bool]] = []
+    if len(comparison.groups) > 1:
+        found.append(
+            (
+                f"These runs were evaluated on {len(comparison.groups)} different held-out sets "
+                f"({'; '.join(g.label for g in comparison.groups)}): accuracy measures something else on each (exact match "
+                "for causal LMs, classification accuracy otherwise, or other test data), so each is ranked and tested on "
+                "its own; nothing is ranked across them.",
+                True,
+            )
+        )
+    if comparison.has_perplexity:
+        found.append((CAUSAL_NOTE, False))
+    if any(len({tuple(sorted(map(str, v.seeds))) for v in g.variants}) > 1 for g in comparison.groups):
+        found.append(("The variants did not all run on the same seeds: compare them with care.", True))
+    if comparison.excluded:
+        found.append((_excluded_note(comparison.excluded), True))
+    return found
+
+
+def _excluded_note(excluded: list[Excluded]) -> str:
+    disagreeing = sum(e.records for e in excluded)
+    unfinished = len(excluded) - disagreeing
+    reasons = [
+        (f"{unfinished} " if disagreeing else "") + "failed or not finished" if unfinished else "",
+        (f"{disagreeing}: " if unfinished else "") + f"{HISTORY} and {SUMMARY} disagree" if disagreeing else "",
+    ]
+    count = len(excluded)
+    return f"{counted(count, 'run')} {'is' if count == 1 else 'are'} not included ({'; '.join(r for r in reasons if r)}): see the list below."
+
+
+def headline(comparison: Comparison) -> list[str]:
+    """What a report found, a line per held-out set, for the terminal: the best variant and whether its lead is significant."""
+    lines = []
+    for group in comparison.groups:
+        best = winners(group)
+        mean = best[0].stat(_final)[0]
+        where = f"{group.label}: " if len(comparison.groups) > 1 else ""
+        if len(group.variants) == 1:
+            lines.append(f"{where}{'final accuracy' if len(best[0].runs) == 1 else 'mean final accuracy'} {mean:.4f}")
+            continue
+        labels = " and ".join(f"{v.label} ({v.description})" if comparison.keyed else v.label for v in best)
+        lines.append(f"{where}best final accuracy {mean:.4f}: {labels}{' (tied)' if len(best) > 1 else _lead_status(group)}")
+    return lines
+
+
+def _lead_status(group: Group) -> str:
+    tests = lead_tests(group)
+    if not all(test.figures[FINAL].tested for test in tests):
+        return " (lead not tested: under 2 shared seeds)"
+    return " (lead significant)" if lead_is_significant(tests) else " (lead not significant)"
