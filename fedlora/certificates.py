@@ -131,7 +131,9 @@ def write_files(files: list[PendingFile], force: bool = False, fix: str = "choos
     except OSError as err:
         for partial in staged:
             partial.unlink(missing_ok=True)
-        where = err.filename or file.path.parent
+        # Name the file, not its stage (NAME.partial); a folder that cannot be made, by its own name.
+        staging = err.filename is None or str(err.filename).endswith(".partial")
+        where = file.path if staging else err.filename
         raise CertificateError(f"cannot write {where}: {err.strerror or err}; nothing was replaced; {fix}") from None
 
 
