@@ -34,16 +34,17 @@ from rich.markup import escape
 
 from fedlora.certificates import (
     CA_CERT,
-    CA_KEY,
     SERVER_CERT,
     SERVER_KEY,
-    SUPERNODE_DIR,
     CertificateError,
-    refuse_overwrite,
+    PendingFile,
+    check_key_pair,
+    read_certificates,
+    read_private_key,
     split_hosts,
-    write_certificates,
+    write_deployment,
+    write_files,
     write_supernode_key,
-    write_supernode_keys,
 )
 from fedlora.superlink import (
     DEFAULT_CONTROL_ADDRESS,
@@ -91,6 +92,11 @@ def flower_executable(name: str) -> str:
     return found
 
 
+def flower_process(name: str) -> list[str]:
+    """A Flower command run so that it ends when its main thread does (fedlora/flower_process.py)."""
+    return [sys.executable, "-m", "fedlora.flower_process", name]
+
+
 def flower_env() -> dict[str, str]:
     """The environment for Flower's processes: this environment's bin folder first on PATH,
     since the SuperLink and SuperNode start `flower-superexec` and the app processes by name."""
@@ -121,10 +127,12 @@ def superlink_command(
     cert = _need_file(certs / SERVER_CERT, "SuperLink certificate", fix)
     key = _need_file(certs / SERVER_KEY, "SuperLink private key", fix)
     try:
+        read_certificates(ca, "--certs", fix)
+        check_key_pair(cert, key, "--certs", fix)
         plan_listeners(fleet_address, control_address, runtime_port)
         state = database_path(str(database))
         flower_args = flower_arguments(list(extra or []))
-    except SuperLinkError as err:
+    except (CertificateError, SuperLinkError) as err:
         raise DeployError(str(err)) from None
     return [
         sys.executable,
@@ -215,8 +223,13 @@ def supernode_command(
         )
     ca = _need_file(ca_cert, "CA certificate", "copy the deployment's ca.crt to this device")
     key = _need_file(private_key, "SuperNode private key", "create one with `fedlora deploy node-key NAME`")
+    try:
+        read_certificates(ca, "--ca", "give the deployment's ca.crt (written by `fedlora deploy certs`)")
+        read_private_key(key, "--key", "give a key from `fedlora deploy node-key NAME` (its .key file)", openssh=True)
+    except CertificateError as err:
+        raise DeployError(str(err)) from None
     return [
-        flower_executable("flower-supernode"),
+        *flower_process("flower-supernode"),
         "--superlink",
         superlink,
         "--root-certificates",
@@ -249,17 +262,22 @@ def write_connection(name: str, address: str, ca_cert: Path, make_default: bool 
         )
     ca = _need_file(ca_cert, "CA certificate", "give the deployment's ca.crt")
     path = (home or flwr_home()) / "config.toml"
+    fix = "set FLWR_HOME to a folder you can write to (the Flower CLI keeps its config there)"
     try:
         config = tomllib.loads(path.read_text()) if path.exists() else {}
     except tomllib.TOMLDecodeError as err:
         raise DeployError(f"{path} is not valid TOML ({err}); fix or remove it") from None
+    except OSError as err:
+        raise DeployError(f"cannot read {path}: {err.strerror or err}; {fix}") from None
     superlinks = config.setdefault("superlink", {})
     superlinks.setdefault("local", {"address": ":local:"})  # Flower's own default: local simulation
     superlinks[name] = {"address": address, "root-certificates": str(ca)}
     if make_default or "default" not in superlinks:
         superlinks["default"] = name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(config))
+    try:
+        write_files([PendingFile(path, tomli_w.dumps(config).encode())], force=True, fix=fix)
+    except CertificateError as err:
+        raise DeployError(str(err)) from None
     return path
 
 
@@ -304,12 +322,7 @@ def certs(
 ) -> None:
     """Create a CA, the SuperLink's TLS certificate for its host names / IPs, and SuperNode key pairs."""
     try:
-        keys = out / SUPERNODE_DIR
-        every = [out / n for n in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)]
-        every += [keys / f"supernode-{i}{suffix}" for i in range(supernodes) for suffix in (".key", ".pub")]
-        refuse_overwrite(every, force)  # before writing anything
-        files = write_certificates(out, host or [], days, force)
-        pairs = write_supernode_keys(keys, supernodes, force=force)
+        files, pairs = write_deployment(out, host or [], days, supernodes, force)
     except CertificateError as err:
         raise _fail(err) from None
     names, ips = split_hosts(host or [])

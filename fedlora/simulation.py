@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,9 +20,10 @@ from fedlora import workspace
 from fedlora.accounting import plan_clients
 from fedlora.causal import check_causal_resources
 from fedlora.config import ConfigError, ExperimentConfig, FederationConfig
+from fedlora.interrupt import StopRequest
 from fedlora.node import server_device
 from fedlora.results import SUMMARY, read_summary
-from fedlora.rundir import RunLock, claim_run_dir
+from fedlora.rundir import LOCK, RUN_FILES, RUN_FOLDERS, RunLock, claim_run_dir
 from fedlora.server import RoundCallback, build_server_app
 from fedlora.threads import thread_env
 from fedlora.trackers import check_trackers
@@ -35,20 +38,24 @@ class SimulationError(RuntimeError):
 # default): when off, the node's IP address is 127.0.0.1, and then the GCS, the raylet, the
 # runtime-env agent and every core worker (the driver included) bind loopback, not 0.0.0.0.
 RAY_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+RAY_ADDRESS_ENV = "RAY_ADDRESS"  # Ray's discovery reads it when ray.init has no address
 
 
 def backend_config(config: ExperimentConfig) -> dict[str, Any]:
     """Ray resources per client (CPUs, GPU fraction) and, optionally, a cluster to join.
 
-    A local Ray runs without its dashboard (a web server); with `federation.ray_address` the
-    cluster's own settings stand.
+    Without `federation.ray_address` the run starts a Ray of its own ("local"), without its
+    dashboard (a web server): `ray.init()` without an address would join the cluster Ray's own
+    discovery finds (RAY_ADDRESS, or the last `ray start` on this machine, even one whose
+    processes are dead, where it waits forever). Joining a cluster is only ever asked for; then
+    the cluster's own settings stand.
     """
     federation = config.federation
     init_args: dict[str, Any] = {"log_to_driver": False}
     if federation.ray_address:
         init_args["address"] = federation.ray_address
     else:
-        init_args["include_dashboard"] = False
+        init_args.update(address="local", include_dashboard=False)
     return {
         "client_resources": {"num_cpus": federation.client_cpus, "num_gpus": federation.client_gpus},
         "init_args": init_args,
@@ -57,25 +64,53 @@ def backend_config(config: ExperimentConfig) -> dict[str, Any]:
 
 @contextmanager
 def local_ray_on_loopback(config: ExperimentConfig) -> Iterator[None]:
-    """While it lasts, a Ray started here binds loopback only; a cluster (`federation.ray_address`)
-    is left as it is. The previous setting comes back after, for a later run in this process."""
+    """While it lasts, a Ray started here binds loopback only, and its processes do not see a
+    RAY_ADDRESS of the user's; a cluster (`federation.ray_address`) is left as it is. The previous
+    settings come back after, for a later run in this process."""
     if config.federation.ray_address:
         yield
         return
     # Ray reads the switch once, when first imported: import it now, then set what it read.
     from ray._private import ray_constants
 
-    saved_env, saved_constant = os.environ.get(RAY_SINGLE_MACHINE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    saved_env = {name: os.environ.get(name) for name in (RAY_SINGLE_MACHINE_ENV, RAY_ADDRESS_ENV)}
+    saved_constant = ray_constants.ENABLE_RAY_CLUSTER
     os.environ[RAY_SINGLE_MACHINE_ENV] = "0"  # for Ray's own processes, which read it afresh
+    os.environ.pop(RAY_ADDRESS_ENV, None)
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_constant
-        if saved_env is None:
-            os.environ.pop(RAY_SINGLE_MACHINE_ENV, None)
-        else:
-            os.environ[RAY_SINGLE_MACHINE_ENV] = saved_env
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def signal_handlers_kept_from_ray() -> Iterator[None]:
+    """While it lasts, the SIGTERM handler in force before Flower's `ray.init` is put back after it:
+    Ray replaces it with one that exits the main thread, which would cut a run short where
+    fedlora.interrupt stops it after its round, and leave the ServerApp's thread running."""
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    flower_init_ray = RayBackend.init_ray
+
+    def init_ray_keeping_handler(backend: RayBackend, backend_config: Any) -> None:
+        handler = signal.getsignal(signal.SIGTERM)
+        try:
+            flower_init_ray(backend, backend_config)
+        finally:
+            if threading.current_thread() is threading.main_thread() and handler is not None:
+                signal.signal(signal.SIGTERM, handler)
+
+    RayBackend.init_ray = init_ray_keeping_handler  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        RayBackend.init_ray = flower_init_ray  # type: ignore[method-assign]
 
 
 @contextmanager
@@ -240,7 +275,25 @@ def simulate(
     with RunLock(run_dir):
         if not resume:
             claim_run_dir(run_dir, overwrite)
-        return _run_engine(config, Path(run_dir), on_round, resume, stop)
+        if not isinstance(stop, StopRequest):
+            return _run_engine(config, Path(run_dir), on_round, resume, stop)
+        with stop.starting(lambda: abandon_start(Path(run_dir), resume)):
+            return _run_engine(config, Path(run_dir), on_round, resume, stop)
+
+
+def abandon_start(run_dir: Path, resume: bool) -> str:
+    """What a run stopped before its first round leaves: a resumed run's directory as it was (its
+    writes are atomic), a new run's nothing (it had at most its config and round 0); says which."""
+    if resume:
+        return f"{run_dir} is as it was: continue with `fedlora simulate --resume {run_dir}`"
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    if {path.name for path in run_dir.iterdir()} <= {LOCK}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return f"{run_dir} removed; run the same command again"
+    return f"nothing of the run kept in {run_dir}; run the same command again"
 
 
 def _run_engine(
@@ -252,7 +305,7 @@ def _run_engine(
     for name, value in thread_env(config.federation.client_cpus).items():
         os.environ.setdefault(name, value)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    with local_ray_on_loopback(config):
+    with local_ray_on_loopback(config), signal_handlers_kept_from_ray():
         run_simulation(
             server_app=build_server_app(config, run_dir, on_round, errors, resume, stop=stop),
             client_app=build_client_app(config),

@@ -265,4 +265,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fedlora.flower_process import run_to_the_end
+
+    run_to_the_end(main)  # ends when the SuperLink does, whatever threads flwr left running
