@@ -22,6 +22,9 @@ Attacks (`MODEL_ATTACKS`, by name):
 - `alie` ("a little is enough", Baruch et al. 2019): mean - z * std of the honest updates, per
   coordinate; by default z = Phi^-1((n - s) / n) with s = floor(n / 2 + 1) - m, n = all clients,
   m = malicious ones: the largest shift for which the attackers still look like the majority.
+- `non_omniscient` (the zPROBE paper's third attack): mu - kappa * sigma per coordinate, mu and
+  sigma estimated from the malicious clients' own honestly trained updates only (an adversary
+  that does not see the honest clients); kappa defaults to 1, as in the zPROBE paper's grid.
 - `ipm` (inner-product manipulation, Xie et al. 2019): -eps * mean of the honest updates.
 - `min_max` (Shejwalkar & Houmansadr 2021): mean + gamma * p with p = -std (or -mean/||mean||,
   -sign(mean), -mean) and gamma the largest value, found by bisection, such that the malicious
@@ -32,7 +35,7 @@ Attacks (`MODEL_ATTACKS`, by name):
   mean), or -std (ALIE's direction), -mean / ||mean||, -sign(mean). Besides the three inputs it
   takes a fourth, `accepts` (the defence's verdict on a candidate), which `Adversary` supplies.
 
-All malicious clients of `alie`, `ipm`, `min_max` and `adaptive` send the same vector (the
+All malicious clients of `alie`, `non_omniscient`, `ipm`, `min_max` and `adaptive` send the same vector (the
 attacks are coordinated). `apply_model_attack` looks an attack up by name and checks its parameters.
 
 Label flipping is data poisoning and happens before training: `flip_labels` maps y to
@@ -156,6 +159,19 @@ def alie(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, 
     _check_finite("alie", z=z)
     mean, std = honest.mean(dim=0), honest.std(dim=0)
     return _coordinated(mean - z * std, own)
+
+
+def non_omniscient(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, *, kappa: float = 1.0) -> Tensor:
+    """Every malicious client sends mu - kappa * sigma of the malicious clients' own updates (per coordinate).
+
+    sigma is the Bessel-corrected standard deviation, so at least two malicious clients are needed;
+    the honest updates are not used: this adversary knows only its own clients' data.
+    """
+    _check_inputs("non_omniscient", honest, own)
+    _check_finite("non_omniscient", kappa=kappa)
+    if own.shape[0] < 2:
+        raise ValueError(f"non_omniscient: needs at least 2 malicious clients to estimate sigma, got {own.shape[0]}")
+    return _coordinated(own.mean(dim=0) - kappa * own.std(dim=0), own)
 
 
 def ipm(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, *, eps: float = 0.5) -> Tensor:
@@ -326,6 +342,7 @@ MODEL_ATTACKS: dict[str, ModelAttack] = {
     "scaling": scaling,
     "gaussian_noise": gaussian_noise,
     "alie": alie,
+    "non_omniscient": non_omniscient,
     "ipm": ipm,
     "min_max": min_max,
     "adaptive": adaptive,
@@ -415,6 +432,8 @@ def check_attack(name: str, options: Mapping[str, Any]) -> None:
 
 # Model attacks that need this many honest updates of the round to compute theirs.
 _MIN_HONEST = {"alie": 2, "ipm": 1, "min_max": 2, "adaptive": 2}
+# ... and this many of the malicious clients' own (non_omniscient estimates sigma from them).
+_MIN_OWN = {"non_omniscient": 2}
 
 
 class Adversary:
@@ -453,12 +472,13 @@ class Adversary:
         `defence` and `weights` (client id -> weight, normalised here; uniform when None) are
         the round's, for `adaptive`, which simulates the defence on the updates in client order
         with its own seed. Empty when the attack is not a model attack, no malicious client
-        replied, or the round has too few honest updates for the attack to be computed (they
-        then send what they trained).
+        replied, or the round has too few honest (or, for non_omniscient, malicious) updates for
+        the attack to be computed (they then send what they trained).
         """
         bad = sorted(c for c in updates if c in self.malicious)
         honest = [updates[c] for c in sorted(updates) if c not in self.malicious]
-        if self.name not in MODEL_ATTACKS or not bad or len(honest) < _MIN_HONEST.get(self.name, 0):
+        too_few = len(honest) < _MIN_HONEST.get(self.name, 0) or len(bad) < _MIN_OWN.get(self.name, 1)
+        if self.name not in MODEL_ATTACKS or not bad or too_few:
             return {}
         own = torch.stack([updates[c] for c in bad])
         honest_matrix = torch.stack(honest) if honest else own[:0]

@@ -377,7 +377,7 @@ class AttackConfig(_Section):
     name: str = Field(
         "none",
         description="none; a model-poisoning attack the adversary applies to the malicious clients' replies "
-        "(sign_flip, scaling, gaussian_noise, alie, ipm, min_max, adaptive); or label_flip (data poisoning)",
+        "(sign_flip, scaling, gaussian_noise, alie, non_omniscient, ipm, min_max, adaptive); or label_flip (data poisoning)",
     )
     fraction: float = Field(
         0.0, ge=0, lt=1, description="the malicious share of all clients, chosen from the seed, fixed for the run"

@@ -40,7 +40,9 @@ def _updates(n_honest: int = 9, n_malicious: int = 3, dim: int = 40, seed: int =
 
 
 def test_registry_names_every_model_attack() -> None:
-    assert set(MODEL_ATTACKS) == {"sign_flip", "scaling", "gaussian_noise", "alie", "ipm", "min_max", "adaptive"}
+    assert set(MODEL_ATTACKS) == {
+        *("sign_flip", "scaling", "gaussian_noise", "alie", "non_omniscient", "ipm", "min_max", "adaptive")
+    }
     assert DATA_ATTACKS == {"label_flip": flip_labels}
 
 
@@ -91,6 +93,26 @@ def test_alie_is_mean_minus_z_std() -> None:
     default = alie(honest, own)
     z = alie_z(honest.shape[0] + own.shape[0], own.shape[0])
     assert torch.allclose(default[0], mean - z * std)
+
+
+def test_non_omniscient_is_mu_minus_kappa_sigma_of_the_attackers_own_updates() -> None:
+    honest, own = _updates()
+    out = apply_model_attack("non_omniscient", honest, own, 0, {"kappa": 5.0})
+    for row in out:  # written out coordinate by coordinate, from the malicious clients' updates only
+        for k in range(own.shape[1]):
+            values = [float(v) for v in own[:, k]]
+            mu = sum(values) / len(values)
+            sigma = math.sqrt(sum((v - mu) ** 2 for v in values) / (len(values) - 1))
+            assert math.isclose(float(row[k]), mu - 5.0 * sigma, rel_tol=1e-5, abs_tol=1e-6)
+    assert torch.equal(out, apply_model_attack("non_omniscient", honest * 100, own, 0, {"kappa": 5.0}))
+    with pytest.raises(ValueError, match="at least 2 malicious"):
+        apply_model_attack("non_omniscient", honest, own[:1], 0)
+
+
+def test_a_lone_non_omniscient_attacker_sends_what_it_trained() -> None:
+    adversary = Adversary("non_omniscient", {}, num_clients=8, fraction=0.125, seed=0)
+    updates = {c: torch.full((3,), float(c)) for c in range(8)}
+    assert len(adversary.malicious) == 1 and adversary.rewrite(updates, server_round=1) == {}
 
 
 def test_ipm_is_minus_eps_times_the_honest_mean() -> None:
@@ -144,7 +166,7 @@ def test_min_max_bound_holds_for_any_shape(n: int, m: int, dim: int, seed: int) 
 def test_deterministic_attacks_keep_shape_and_dtype(n: int, m: int, dim: int, seed: int) -> None:
     honest, own = _updates(n_honest=n, n_malicious=m, dim=dim, seed=seed)
     own32, honest32 = own.float(), honest.float()
-    for name in ("sign_flip", "scaling", "alie", "ipm", "min_max", "adaptive"):
+    for name in ("sign_flip", "scaling", "alie", "ipm", "min_max", "adaptive") + (("non_omniscient",) if m > 1 else ()):
         # ALIE's default z is undefined once the attackers are a majority.
         params = {"z": 1.0} if name == "alie" else {}
         out = apply_model_attack(name, honest32, own32, seed, params)
