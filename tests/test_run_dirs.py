@@ -136,6 +136,19 @@ def interrupted_run(path: Path, tensors: dict | None = None, history_rounds: int
     return path
 
 
+def _summary(run_dir: Path, **changes: object) -> None:
+    """A finished run's summary.json with `changes` (a value of ... leaves the key out)."""
+    summary = {"status": "finished", "rounds": 1, "final_accuracy": 0.5} | changes
+    (run_dir / SUMMARY).write_text(json.dumps({key: value for key, value in summary.items() if value is not ...}))
+
+
+def _history(run_dir: Path, index: int, line: str) -> None:
+    """Replace line `index` of history.jsonl, keeping the lines after it."""
+    lines = (run_dir / HISTORY).read_text().splitlines()
+    lines[index] = line
+    (run_dir / HISTORY).write_text("\n".join(lines) + "\n")
+
+
 def _nan_tensors() -> dict:
     config = tiny_config()
     tensors = workspace.initial_state(config, workspace.federated_task(config).num_labels).tensors()
@@ -172,8 +185,26 @@ def _wrong_shape_tensors() -> dict:
             "the model has",
         ),
         (lambda d: (d / HISTORY).write_text(""), "history lacks round"),
+        (lambda d: _summary(d, final_accuracy=...), "'final_accuracy' is missing"),
+        (lambda d: _summary(d, rounds="2"), "'rounds' is \"2\", where it should be a whole number"),
+        (lambda d: (d / SUMMARY).write_text('{"status": "fini'), "summary.json: not valid JSON"),
+        (lambda d: _history(d, 0, '{"round": 0, "accur'), "history.jsonl: line 1 is not a JSON object"),
+        (lambda d: _history(d, 0, '{"accuracy": 0.1, "loss": 2.0}'), 'line 1 is not a JSON object with a whole "round"'),
+        (lambda d: _history(d, 1, '{"round": 1, "accuracy": "high", "loss": 2.0}'), "round 1: accuracy: Input should be"),
     ],
-    ids=["truncated", "garbage", "nan-factors", "wrong-shape", "empty-history"],
+    ids=[
+        "truncated",
+        "garbage",
+        "nan-factors",
+        "wrong-shape",
+        "empty-history",
+        "summary-without-a-key",
+        "summary-key-mistyped",
+        "summary-torn",
+        "history-corrupt-middle-line",
+        "history-line-without-round",
+        "history-figure-mistyped",
+    ],
 )
 def test_a_damaged_run_is_refused_before_anything_is_touched(damage, message: str, tmp_path: Path) -> None:
     run_dir = interrupted_run(tmp_path / "run")
