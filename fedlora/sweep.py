@@ -18,8 +18,8 @@ the base config; on a key that is an axis it fixes that axis to the one value, a
 Every variant's config is validated before anything runs, and what only a start can show
 (strategy and defence names, trackers, resources, the data, the privacy calibration) is checked
 for every setting of the other axes at the first seed; each other seed's data split is checked
-as its run starts. Each runs into `<out>/<run name>/`, where the
-run name spells its settings (`strategy.name-fedit__seed-0`). `<out>/sweep.json` lists the axes
+as its run starts. Each runs into `<out>/<run name>/`, where the run name spells its settings
+(`strategy.name-fedit__seed-0`). `<out>/sweep.json` lists the axes
 and every run's status. A run whose summary.json says finished is not run again, so a killed
 sweep resumes where it stopped; a run that fails leaves its error in `error.txt`, the sweep goes
 on, and the next invocation tries it again.

@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from fedlora.sweep import load_sweep
 from tests.conftest import one_line_refusal
 from tests.test_run_dirs import tiny_file
@@ -39,3 +41,16 @@ def test_one_bad_seed_among_ten_thousand_is_refused_in_one_line_in_seconds(tmp_p
     assert "seed--1" in line and "seed: Input should be greater than or equal to 0" in line
     assert elapsed < BOUND_SECONDS, f"{elapsed:.1f} s"
     assert not (tmp_path / "out").exists()
+
+
+def test_what_only_a_start_shows_is_checked_once_per_setting_of_the_other_axes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedlora import simulation
+
+    checked: list[tuple[str, int]] = []
+    monkeypatch.setattr(simulation, "check_runnable", lambda config: checked.append((config.strategy.name, config.seed)))
+    sweep = seed_sweep(tmp_path, [0, 1, 2])
+    sweep.write_text(sweep.read_text() + '"strategy.name" = ["fedit", "ffa_lora"]\n')
+    assert len(load_sweep(sweep).variants) == 6
+    assert checked == [("fedit", 0), ("ffa_lora", 0)]
