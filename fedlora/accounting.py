@@ -29,6 +29,7 @@ from fedlora.config import ExperimentConfig
 from fedlora.privacy import (
     DPInstruction,
     DPSettings,
+    PrivacyBudgetError,
     PrivacyLedger,
     calibrate_noise,
     check_delta,
@@ -55,8 +56,17 @@ def dp_settings(config: ExperimentConfig) -> DPSettings:
     )
 
 
+# Opacus' PRV accountant discretises the privacy loss on a mesh that grows with the steps: one
+# epsilon at 100,000 steps takes about half a minute, calibration asks for a dozen, and far beyond
+# it runs for hours or out of memory ("Maximum allowed size exceeded"). RDP's cost does not grow.
+MAX_PRV_STEPS = 100_000
+
+
 def calibrated_steps(config: ExperimentConfig) -> int:
-    """DP steps each client's noise is calibrated for: planned participations x local steps."""
+    """DP steps each client's noise is calibrated for: planned participations x local steps.
+
+    PrivacyBudgetError where the accountant cannot count that many (see MAX_PRV_STEPS).
+    """
     federation, privacy = config.federation, config.privacy
     rounds = planned_participations(
         federation.rounds,
@@ -66,7 +76,15 @@ def calibrated_steps(config: ExperimentConfig) -> int:
         privacy.participation_quantile,
         privacy.planned_rounds,
     )
-    return rounds * federation.local_steps
+    steps = rounds * federation.local_steps
+    if privacy.accountant == "prv" and steps > MAX_PRV_STEPS:
+        planned = "privacy.planned_rounds" if privacy.planned_rounds is not None else "planned from federation.rounds"
+        raise PrivacyBudgetError(
+            f"privacy.accountant: 'prv' cannot account for {steps} DP steps a client ({rounds} rounds, {planned}, x "
+            f"federation.local_steps {federation.local_steps}; at most {MAX_PRV_STEPS}): set privacy.accountant = 'rdp', "
+            "or plan fewer rounds or local steps"
+        )
+    return steps
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch
 
 from fedlora.config import ConfigError, ExperimentConfig
 from fedlora.lora import MERGED, LoraState
-from fedlora.results import CHECKPOINT, HISTORY, read_history
+from fedlora.results import CHECKPOINT, HISTORY, read_history, read_rounds
 
 
 @dataclass
@@ -54,11 +54,17 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     if not path.exists():
         return None
     try:
-        return Checkpoint(**torch.load(path, weights_only=True))
+        checkpoint = Checkpoint(**torch.load(path, weights_only=True))
     except Exception as err:  # truncated, garbage, an older format: all mean the same to the user
         raise ConfigError(
             f"{path}: cannot be read ({type(err).__name__}); the run cannot be continued, start a new one"
         ) from None
+    whole = type(checkpoint.round) is int and checkpoint.round >= 0
+    if not (whole and isinstance(checkpoint.tensors, dict) and isinstance(checkpoint.config, dict)):
+        raise ConfigError(
+            f"{path}: its round, tensors or config are of the wrong type; the run cannot be continued, start a new one"
+        )
+    return checkpoint
 
 
 # Settings that say where and how fast a run goes, not what it computes: resume may change them.
@@ -99,21 +105,21 @@ def load_resumable(run_dir: Path, config: ExperimentConfig, initial: LoraState |
     """
     run_dir = Path(run_dir)
     checkpoint = load_checkpoint(run_dir)
+    recorded = {line["round"] for line in read_history(run_dir)} if (run_dir / HISTORY).exists() else set()
     if checkpoint is None:
-        recorded = [line["round"] for line in read_history(run_dir)] if (run_dir / HISTORY).exists() else []
         if any(r > 0 for r in recorded):
             raise ConfigError(
                 f"{run_dir}: {max(recorded)} rounds recorded but no {CHECKPOINT}: it cannot be continued exactly "
                 "(its privacy ledgers and state are gone); start a new run"
             )
         return None
-    recorded = {line["round"] for line in read_history(run_dir)} if (run_dir / HISTORY).exists() else set()
     if not set(range(checkpoint.round + 1)) <= recorded:
         missing = sorted(set(range(checkpoint.round + 1)) - recorded)
         raise ConfigError(
             f"{run_dir / HISTORY}: the checkpoint is after round {checkpoint.round} but the history lacks round(s) "
             f"{missing[:5]}; the run cannot be continued, start a new one"
         )
+    read_rounds(run_dir, checkpoint.round)  # the rounds the resumed run keeps must be whole records
     changed = config_changes(checkpoint.config, config.model_dump(mode="json"))
     if changed:
         key = changed[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import click
 import typer
@@ -33,8 +33,15 @@ def main() -> None:
     try:
         code = cli_command()(standalone_mode=False)
     except USER_ERRORS as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _print_error(str(err))
+    except OSError as err:
+        if err.filename is None:  # not about a file (a socket, a bug): its traceback says more
+            raise
+        # A path the user gave or the file system refused (read-only, no permission, disk full,
+        # a name too long); the run's files are written atomically, so nothing whole is lost.
+        _print_error(
+            f"{err.filename}: {err.strerror or err}; check that path (it can be written, the disk has room) and run again"
+        )
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except RunInterrupted as stopped:
@@ -55,6 +62,12 @@ def main() -> None:
         raise
     if isinstance(code, int) and code:  # click hands back typer.Exit(code) instead of exiting
         sys.exit(code)
+
+
+def _print_error(message: str) -> NoReturn:
+    """A user error: one line, exit code 2."""
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 def cli_command() -> click.Command:

@@ -37,6 +37,16 @@ class ConfigError(ValueError):
     """A config the user wrote cannot run; the message says which key and what is allowed."""
 
 
+# Upper bounds on the sizes a config sets, so that an impossible one (10**18 rounds) is refused
+# by name before anything is allocated; each lies far beyond what a run here can use.
+MAX_ROUNDS = 100_000  # federation.rounds, privacy.planned_rounds
+MAX_LOCAL_STEPS = 100_000  # federation.local_steps: a client lays out every step's batch before training
+MAX_LORA_RANK = 4096  # model.lora_rank (and so every client rank): the width of the widest base layers
+MAX_EXAMPLES = 1_000_000  # data.num_train, data.num_test (generated, held in memory), federation.batch_size
+MAX_TINY_WIDTH = 8192  # model.tiny.hidden_size, intermediate_size
+MAX_TINY_DEPTH = 64  # model.tiny.num_layers, num_heads
+
+
 class _Section(BaseModel):
     # Unknown keys are typos: refuse them instead of silently ignoring them. Strict types: a
     # quoted number or a 1 for true is a mistake to point at, not to guess the meaning of.
@@ -46,10 +56,10 @@ class _Section(BaseModel):
 class TinyModelConfig(_Section):
     """A small BERT built from a config, for tests and quick experiments (random weights)."""
 
-    hidden_size: int = Field(32, ge=4, description="width of the hidden states (a multiple of num_heads)")
-    num_layers: int = Field(2, ge=1, description="transformer layers")
-    num_heads: int = Field(2, ge=1, description="attention heads per layer")
-    intermediate_size: int = Field(64, ge=4, description="width of each layer's feed-forward block")
+    hidden_size: int = Field(32, ge=4, le=MAX_TINY_WIDTH, description="width of the hidden states (a multiple of num_heads)")
+    num_layers: int = Field(2, ge=1, le=MAX_TINY_DEPTH, description="transformer layers")
+    num_heads: int = Field(2, ge=1, le=MAX_TINY_DEPTH, description="attention heads per layer")
+    intermediate_size: int = Field(64, ge=4, le=MAX_TINY_WIDTH, description="width of each layer's feed-forward block")
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> TinyModelConfig:
@@ -84,7 +94,7 @@ class ModelConfig(_Section):
     )
     pretrained: bool = Field(True, description="false: the same architecture with random weights (a baseline)")
     max_length: int = Field(64, ge=8, le=4096, description="tokens per example; longer texts are cut")
-    lora_rank: int = Field(8, ge=1, description="LoRA rank r of every adapted layer")
+    lora_rank: int = Field(8, ge=1, le=MAX_LORA_RANK, description="LoRA rank r of every adapted layer")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; the adapter's scaling is alpha / r")
     client_ranks: list[int] | None = Field(
         None,
@@ -202,8 +212,13 @@ class DataConfig(_Section):
         description='none: the source\'s "test" split if it has one, else test_fraction of the train split (seeded); '
         "a name: that split, which must exist",
     )
-    num_train: int = Field(3000, ge=10, description="examples the builtin corpus (or instruction task) generates for training")
-    num_test: int = Field(600, ge=10, description="examples the builtin corpus generates for testing")
+    num_train: int = Field(
+        3000,
+        ge=10,
+        le=MAX_EXAMPLES,
+        description="examples the builtin corpus (or instruction task) generates for training",
+    )
+    num_test: int = Field(600, ge=10, le=MAX_EXAMPLES, description="examples the builtin corpus generates for testing")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="the share held out for testing, for sources without a test split")
     max_test_examples: int = Field(2000, ge=1, description="cap on the server's held-out set")
     drop_missing_labels: bool = Field(
@@ -262,9 +277,11 @@ class FederationConfig(_Section):
     num_clients: int = Field(10, ge=1, description="clients in the federation (SuperNodes)")
     clients_per_round: int = Field(4, ge=1, description="clients sampled to train each round")
     min_replies: int = Field(1, ge=1, description="fewer valid replies than this: the round is skipped")
-    rounds: int = Field(5, ge=1, description="federated rounds")
-    local_steps: int = Field(20, ge=1, description="optimizer steps each sampled client takes a round")
-    batch_size: int = Field(16, ge=1, description="examples per local step (the expected size, under DP's Poisson sampling)")
+    rounds: int = Field(5, ge=1, le=MAX_ROUNDS, description="federated rounds")
+    local_steps: int = Field(20, ge=1, le=MAX_LOCAL_STEPS, description="optimizer steps each sampled client takes a round")
+    batch_size: int = Field(
+        16, ge=1, le=MAX_EXAMPLES, description="examples per local step (the expected size, under DP's Poisson sampling)"
+    )
     lr: float = Field(5e-4, gt=0, description="the clients' learning rate")
     optimizer: Literal["adamw", "sgd"] = Field(
         "adamw",
@@ -367,7 +384,10 @@ class PrivacyConfig(_Section):
     )
     participation_quantile: float = Field(0.9, gt=0, lt=1, description="quantile: the quantile of the participation count")
     planned_rounds: int | None = Field(
-        None, ge=1, description="rounds each client is calibrated for, overriding calibration (none: from the rule)"
+        None,
+        ge=1,
+        le=MAX_ROUNDS,
+        description="rounds each client is calibrated for, overriding calibration (none: from the rule)",
     )
 
 

@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
@@ -39,7 +40,8 @@ def config_keys(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> 
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             keys.extend(config_keys(annotation, f"{prefix}{name}."))
             continue
-        keys.append(KeyDoc(f"{prefix}{name}", type_name(annotation), default_text(field), field.description or ""))
+        kind = type_name(annotation) + bounds_text(field)
+        keys.append(KeyDoc(f"{prefix}{name}", kind, default_text(field), field.description or ""))
     return keys
 
 
@@ -56,6 +58,21 @@ def type_name(annotation: Any) -> str:
     if origin is dict:
         return f"table of {type_name(args[1])}"
     return _TYPE_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+_BOUNDS = ((annotated_types.Ge, "ge", "at least"), (annotated_types.Gt, "gt", "above"))
+_BOUNDS += ((annotated_types.Le, "le", "at most"), (annotated_types.Lt, "lt", "below"))
+
+
+def bounds_text(field: FieldInfo) -> str:
+    """The range a number must lie in (", at least 1, at most 100000"), or "" where any will do."""
+    words = [
+        f", {word} {toml_value(getattr(bound, attribute))}"
+        for bound in field.metadata
+        for kind, attribute, word in _BOUNDS
+        if isinstance(bound, kind)
+    ]
+    return "".join(words)
 
 
 def default_text(field: FieldInfo) -> str:

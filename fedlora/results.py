@@ -20,6 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from fedlora.config import ConfigError, ExperimentConfig, config_from_json
 from fedlora.rundir import write_atomic
 
@@ -109,7 +111,7 @@ class RunRecorder:
             write_atomic(self.run_dir / CONFIG, config.to_json())
             write_atomic(self.run_dir / HISTORY, "")
             return
-        self.rounds = [RoundRecord(**line) for line in read_history(self.run_dir) if line["round"] <= resume_after]
+        self.rounds = read_rounds(self.run_dir, resume_after)
         write_atomic(self.run_dir / HISTORY, "".join(json.dumps(asdict(r)) + "\n" for r in self.rounds))
 
     @property
@@ -156,23 +158,88 @@ def communication_mb(total_bytes: float) -> float:
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    """The rounds recorded in a run directory (a last line cut short by a kill is left out)."""
-    text = (Path(run_dir) / HISTORY).read_text()
+    """The rounds recorded in a run directory (a last line cut short by a kill is left out).
+
+    RunDamaged, naming the line, if any other line is not a JSON object with a whole "round" >= 0.
+    """
+    path = Path(run_dir) / HISTORY
+    text = path.read_text()
     lines = text.splitlines()
     if lines and not text.endswith("\n"):
         lines = lines[:-1]  # every line is written with its newline: this one is torn
-    return [json.loads(line) for line in lines if line.strip()]
+    history = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or type(record.get("round")) is not int or record["round"] < 0:
+            raise RunDamaged(path, f'line {number} is not a JSON object with a whole "round" ({line[:40]!r})')
+        history.append(record)
+    return history
+
+
+_ROUND_RECORD = TypeAdapter(RoundRecord)
+
+
+def read_rounds(run_dir: Path, last: int) -> list[RoundRecord]:
+    """The history's rounds up to `last` as records; RunDamaged, naming the round, if one has missing or mistyped figures."""
+    rounds = []
+    for line in read_history(run_dir):
+        if line["round"] > last:
+            continue
+        try:
+            rounds.append(_ROUND_RECORD.validate_python(line))
+        except ValidationError as err:
+            problem = err.errors()[0]
+            key = ".".join(str(part) for part in problem["loc"])
+            raise RunDamaged(Path(run_dir) / HISTORY, f"round {line['round']}: {key}: {problem['msg']}") from None
+    return rounds
+
+
+# What the summary of a finished run is read for (even one an older fedlora wrote): types, in words.
+FINISHED_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "status": (str, '"finished"'),
+    "rounds": (int, "a whole number"),
+    "final_accuracy": ((int, float), "a number"),
+}
 
 
 def finished_summary(run_dir: Path) -> dict[str, Any] | None:
-    """The summary of a run that finished, or None (not finished, or its summary unreadable)."""
-    try:
-        summary = json.loads((Path(run_dir) / SUMMARY).read_text())
-    except (OSError, ValueError):
+    """The summary of a finished run, or None if the run has none (it did not finish).
+
+    RunDamaged if summary.json is there but is not a finished run's summary: it is written
+    atomically, and last, so only damage from outside makes it so.
+    """
+    path = Path(run_dir) / SUMMARY
+    if not path.exists():
         return None
-    return summary if isinstance(summary, dict) and summary.get("status") == "finished" else None
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError:
+        raise RunDamaged(path, "not valid JSON") from None
+    if not isinstance(summary, dict):
+        raise RunDamaged(path, "not a JSON object")
+    for key, (kind, expected) in FINISHED_FIELDS.items():
+        value = summary.get(key, ...)
+        if value is ...:
+            raise RunDamaged(path, f"{key!r} is missing")
+        if not isinstance(value, kind) or isinstance(value, bool) or (key == "status" and value != "finished"):
+            raise RunDamaged(path, f"{key!r} is {json.dumps(value)[:40]}, where it should be {expected}")
+    return summary
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
     """A finished run's summary.json."""
     return json.loads((Path(run_dir) / SUMMARY).read_text())
+
+
+class RunDamaged(ConfigError):
+    """A file of a run directory damaged from outside (its writers never leave it so)."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(
+            f"{path}: {problem}; the file is damaged: restore it from a copy, or start a new run (nothing was changed)"
+        )

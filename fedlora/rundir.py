@@ -64,9 +64,7 @@ class RunLock:
             held._depth += 1
             self._outer = held
             return self
-        self._created = not self.run_dir.exists()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        handle = (self.run_dir / LOCK).open("a+")
+        handle = self._open_lock_file()
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -81,6 +79,17 @@ class RunLock:
         self._handle, self._depth = handle, 1
         _HELD[self.run_dir] = self
         return self
+
+    def _open_lock_file(self) -> IO[str]:
+        """The directory made (parents too) and its lock file open; RunDirError if this cannot be done here."""
+        try:
+            self._created = not self.run_dir.exists()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            return (self.run_dir / LOCK).open("a+")
+        except OSError as err:  # a file in the way, a read-only file system, no permission, a name too long
+            raise RunDirError(
+                f"{self.run_dir}: cannot write a run there ({_why(err, self.run_dir)}); give a directory you can write to"
+            ) from None
 
     def release(self) -> None:
         """Give the lock up (the outermost release of this process does)."""
@@ -105,6 +114,24 @@ class RunLock:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
         self.release()
+
+
+def make_dir(path: Path) -> None:
+    """Create a directory and its parents (RunDirError, saying why, where that cannot be done)."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(
+            f"{path}: cannot create this directory ({_why(err, Path(path))}); give a directory you can write to"
+        ) from None
+
+
+def _why(err: OSError, path: Path) -> str:
+    """Why `path` cannot be a directory: a file in the way, or the system's reason (read-only, no permission...)."""
+    in_the_way = next((part for part in (path, *path.parents) if os.path.isfile(part)), None)
+    if in_the_way is not None:
+        return f"{in_the_way} is a file, not a directory"
+    return err.strerror or type(err).__name__
 
 
 def holds_run(run_dir: Path) -> bool:

@@ -15,8 +15,11 @@ axis (DP off, or on at three budgets: four variants, not six):
 the base config; on a key that is an axis it fixes that axis to the one value, and
 `--set sweep.key=[...]` replaces an axis's list.
 
-Every variant is validated before anything runs. Each runs into `<out>/<run name>/`, where the
-run name spells its settings (`strategy.name-fedit__seed-0`). `<out>/sweep.json` lists the axes
+Every variant's config is validated before anything runs, and what only a start can show
+(strategy and defence names, trackers, resources, the data, the privacy calibration) is checked
+for every setting of the other axes at the first seed; each other seed's data split is checked
+as its run starts. Each runs into `<out>/<run name>/`, where the run name spells its settings
+(`strategy.name-fedit__seed-0`). `<out>/sweep.json` lists the axes
 and every run's status. A run whose summary.json says finished is not run again, so a killed
 sweep resumes where it stopped; a run that fails leaves its error in `error.txt`, the sweep goes
 on, and the next invocation tries it again.
@@ -43,6 +46,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedlora.config import ConfigError, ExperimentConfig, _parse_value, config_from_dict, read_config_file
 from fedlora.interrupt import RunInterrupted
 from fedlora.results import CONFIG, SUMMARY, RoundRecord
+from fedlora.rundir import make_dir
 
 INDEX = "sweep.json"
 ERROR = "error.txt"
@@ -128,8 +132,22 @@ def _axis_values(key: str, values: Any) -> list[Any]:
 
 
 def _expand(raw: dict[str, Any], axes: dict[str, list[Any]], overrides: list[str]) -> list[Variant]:
-    from fedlora.simulation import check_runnable  # imports the strategy registry (and Flower)
+    """Every variant, its config validated; then what only a start can show (`check_runnable`) for
+    each setting of the other axes, at its first seed. (Checking each seed's data split too would
+    take seconds a seed: that is left to its run's start, where a failure is recorded and the sweep goes on.)"""
+    variants = _validated_variants(raw, axes, overrides)
+    checked: set[str] = set()
+    for variant in variants:
+        unseeded = {key: value for key, value in variant.settings.items() if key != SEED_AXIS}
+        setting = json.dumps(unseeded, sort_keys=True)
+        if setting not in checked:
+            checked.add(setting)
+            _check_variant(variant)
+    return variants
 
+
+def _validated_variants(raw: dict[str, Any], axes: dict[str, list[Any]], overrides: list[str]) -> list[Variant]:
+    """Every combination of the axes' values as a validated config (a fraction of a millisecond each)."""
     # The seed varies slowest, so a sweep stopped early still compares every variant on seed 0.
     order = sorted(axes, key=lambda key: key != SEED_AXIS)
     variants: list[Variant] = []
@@ -143,7 +161,6 @@ def _expand(raw: dict[str, Any], axes: dict[str, list[Any]], overrides: list[str
             for key, value in settings.items():
                 _set_key(tree, key, value)
             config = config_from_dict(tree, overrides)
-            check_runnable(config)
         except ConfigError as err:
             raise SweepError(f"sweep variant {name}: {err}") from None
         if name in names:
@@ -153,6 +170,16 @@ def _expand(raw: dict[str, Any], axes: dict[str, list[Any]], overrides: list[str
         names[name] = settings
         variants.append(Variant(name=name, settings=settings, config=config))
     return variants
+
+
+def _check_variant(variant: Variant) -> None:
+    """What the config alone cannot show (strategy, trackers, resources, data, privacy), or SweepError naming the variant."""
+    from fedlora.simulation import check_runnable  # imports the strategy registry (and Flower)
+
+    try:
+        check_runnable(variant.config)
+    except ConfigError as err:
+        raise SweepError(f"sweep variant {variant.name}: {err}") from None
 
 
 def _set_key(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -246,7 +273,7 @@ def run_sweep(sweep: Sweep, out: Path, console: Console | None = None, stop: thr
 
     console = console or Console()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     statuses: dict[str, dict[str, Any]] = {}
     for variant in sweep.variants:
         status = run_status(out / variant.name)

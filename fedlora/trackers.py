@@ -14,7 +14,8 @@ Each tracker writes files into the run directory and needs no server or network:
 At start a tracker records the resolved config (flattened `section.key` names) as the run's
 params / hparams; for every round it logs the numbers of that round's history line (see
 `round_scalars`) at step = round; at the end the summary's final figures. A tracker named whose
-package is missing is refused before anything runs, with a ConfigError naming the package.
+package is missing or fails to import is refused before anything runs, with a TrackerError (a
+ConfigError) naming the package; one that fails to start is refused before the first round.
 """
 
 from __future__ import annotations
@@ -90,8 +91,9 @@ class Tracker(ABC):
     """One tracking backend: started once per process, a call per round, finished at the end."""
 
     name: str
-    module: str  # what must be importable
+    module: str  # what must be installed
     package: str  # what to pip install for it
+    imports: tuple[str, ...]  # what `start` imports: checked before anything runs
 
     @abstractmethod
     def start(self, config: ExperimentConfig, run_dir: Path, resume: bool) -> None:
@@ -110,6 +112,7 @@ class TensorBoardTracker(Tracker):
     """Event files under run_dir/tensorboard: scalars per round, the config as hparams."""
 
     name, module, package = "tensorboard", "tensorboard", "tensorboard"
+    imports = ("torch.utils.tensorboard",)
     DIR = "tensorboard"
 
     def start(self, config: ExperimentConfig, run_dir: Path, resume: bool) -> None:
@@ -142,6 +145,7 @@ class MlflowTracker(Tracker):
     """An MLflow file store under run_dir/mlruns holding one run: params, metrics per step."""
 
     name, module, package = "mlflow", "mlflow", "mlflow-skinny"
+    imports = ("mlflow.entities", "mlflow.tracking")
     DIR = "mlruns"
 
     def start(self, config: ExperimentConfig, run_dir: Path, resume: bool) -> None:
@@ -184,6 +188,7 @@ class WandbTracker(Tracker):
     """An offline W&B run under run_dir/wandb (upload later with `wandb sync`)."""
 
     name, module, package = "wandb", "wandb", "wandb"
+    imports = ("wandb",)
 
     def start(self, config: ExperimentConfig, run_dir: Path, resume: bool) -> None:
         """An offline run whose id derives from the run directory, so a resumed run continues it."""
@@ -220,14 +225,30 @@ TRACKERS: dict[str, type[Tracker]] = {cls.name: cls for cls in (TensorBoardTrack
 
 
 def check_trackers(names: list[str]) -> None:
-    """Refuse, before anything runs, a tracker whose package is not installed."""
+    """Refuse, before anything runs, a tracker whose package is missing or fails to import."""
     for name in names:
         tracker = TRACKERS[name]
         if importlib.util.find_spec(tracker.module) is None:
-            raise ConfigError(
+            raise TrackerError(
                 f"output.trackers: {name!r} needs the {tracker.package} package, which is not installed; "
                 f"pip install {tracker.package}, or take {name!r} out of output.trackers"
             )
+        for module in tracker.imports:
+            try:
+                importlib.import_module(module)
+            except Exception as err:  # a broken install fails in any way at all
+                raise TrackerError(
+                    f"output.trackers: {name!r} cannot import {module} ({type(err).__name__}: {_first_line(err)}); "
+                    f"repair it (pip install --force-reinstall {tracker.package}), or take {name!r} out of output.trackers"
+                ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:200]
+
+
+class TrackerError(ConfigError):
+    """A tracker that cannot be used here (missing, broken, or failing to start)."""
 
 
 class Trackers:
@@ -238,9 +259,16 @@ class Trackers:
         self.trackers = [TRACKERS[name]() for name in names]
 
     def start(self, config: ExperimentConfig, run_dir: Path, resume: bool = False) -> None:
-        """Start every tracker in the run directory."""
+        """Start every tracker in the run directory (TrackerError, in one line, if one fails: before any round)."""
         for tracker in self.trackers:
-            tracker.start(config, Path(run_dir), resume)
+            try:
+                tracker.start(config, Path(run_dir), resume)
+            except Exception as err:
+                raise TrackerError(
+                    f"output.trackers: {tracker.name!r} failed to start ({type(err).__name__}: {_first_line(err)}); no round "
+                    f"has run: fix it or take {tracker.name!r} out of output.trackers, then continue with "
+                    f"fedlora simulate --resume {run_dir}"
+                ) from None
 
     def log_round(self, record: RoundRecord) -> None:
         """Hand one history line to every tracker."""

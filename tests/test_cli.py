@@ -23,6 +23,10 @@ QUICKSTART = Path(__file__).resolve().parent.parent / "simulations" / "quickstar
         ("privacy.accountant=moments", ["privacy.accountant", "'prv' or 'rdp'"]),
         ("strategy.name=fedmagic", ["strategy.name", "fedit"]),
         ("model.lora_rank=0", ["model.lora_rank", "greater than or equal to 1"]),
+        ("model.lora_rank=1000000000000", ["model.lora_rank", "less than or equal to 4096"]),
+        ("federation.rounds=1000000000000000000", ["federation.rounds", "less than or equal to 100000"]),
+        ("privacy.planned_rounds=1000000000000000000", ["privacy.planned_rounds", "less than or equal to 100000"]),
+        ("data.num_train=1000000000000000000", ["data.num_train", "less than or equal to 1000000"]),
     ],
 )
 def test_a_bad_config_prints_one_line_naming_the_key_and_exits_2(override: str, names: list[str]) -> None:
@@ -176,9 +180,10 @@ def test_config_keys_lists_every_key_with_type_default_and_description(monkeypat
     assert {key for key, _ in leaves} <= set(rows)
     for key, description in leaves:
         assert description and rows[key][2] == description, key
-    assert rows["federation.rounds"][:2] == ["integer", "5"]
+    assert rows["federation.rounds"][:2] == ["integer, at least 1, at most 100000", "5"]  # sizes have documented bounds
+    assert rows["federation.lr"][0] == "number, above 0"
     assert rows["privacy.accountant"][:2] == ['"prv" | "rdp"', '"prv"']
-    assert rows["federation.max_weight_ratio"][:2] == ["number (or unset)", "4.0"]
+    assert rows["federation.max_weight_ratio"][:2] == ["number (or unset), at least 1", "4.0"]
     assert rows["output.name"][1] == "unset"
     assert rows["model.target_modules"][:2] == ["list of string (or unset)", "unset"]  # resolved per task kind
     assert (

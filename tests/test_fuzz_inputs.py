@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import typing
@@ -208,6 +209,151 @@ malformed_overrides = st.one_of(
 def test_a_malformed_or_unknown_set_is_one_line_and_exit_2(capfd: pytest.CaptureFixture[str], override: str) -> None:
     line = assert_refused_in_one_line(capfd, "simulate", str(QUICKSTART), f"--set={override}")
     assert "--set" in line or "unknown key" in line or "must be" in line
+
+
+# --- huge sizes --------------------------------------------------------------------------------
+
+
+class EngineStarted(Exception):
+    """What the stand-in for the simulation engine raises: the input was accepted."""
+
+
+@pytest.fixture
+def engine_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulation engine replaced by one that says it was reached."""
+
+    def started(**_: object) -> None:
+        raise EngineStarted
+
+    monkeypatch.setattr(simulation, "run_simulation", started)
+
+
+def has_upper_bound(field: FieldInfo) -> bool:
+    return any(isinstance(bound, annotated_types.Le | annotated_types.Lt) for bound in field.metadata)
+
+
+INTEGER_KEYS = [(key, field) for key, field in KEYS if base_type(field.annotation) is int]
+# Every size that allocates or loops (rounds, steps, ranks, examples, widths) has a bound; the
+# integers without one are caps or counts that a data check or a minimum bounds.
+SIZES = {key for key, field in INTEGER_KEYS if has_upper_bound(field)}
+
+
+@pytest.mark.usefixtures("engine_stand_in")
+@FUZZ
+@given(key=st.sampled_from([key for key, _ in INTEGER_KEYS]), value=st.integers(2**33, 10**30))  # above every bound
+def test_a_huge_integer_is_one_line_and_exit_2_or_runs(capfd: pytest.CaptureFixture[str], key: str, value: int) -> None:
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            out = f"--set=output.dir={folder!r}"
+            line = assert_refused_in_one_line(capfd, "simulate", str(QUICKSTART), f"--set={key}={value}", out)
+    except EngineStarted:
+        assert key not in SIZES, f"{key} = {value} reached the engine"
+        return
+    leaf = key.rpartition(".")[2]  # a rule across a section's keys names them in it: "federation: clients_per_round (...)"
+    assert leaf in line or "federation.num_clients" in line  # more clients than examples is refused by the count
+
+
+def test_the_sizes_that_allocate_have_bounds() -> None:
+    wanted = {"federation.rounds", "privacy.planned_rounds", "federation.local_steps", "model.lora_rank", "data.num_train"}
+    assert wanted <= SIZES
+
+
+# --- damaged run directories ---------------------------------------------------------------------
+
+RESUMED_ROUND = 2  # the checkpoint's round: history.jsonl holds rounds 0, 1 and 2
+MISTYPED = st.sampled_from([None, [], [1], {}, {"a": 1}, "high", ""])
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run stopped after round RESUMED_ROUND: config, history, checkpoint; `summary.json` is
+    added by the damage that needs one (a finished run's)."""
+    from fedlora import workspace
+    from fedlora.checkpoint import Checkpoint, save_checkpoint
+    from fedlora.results import CONFIG, HISTORY
+    from tests.conftest import tiny_config
+
+    path = tmp_path_factory.mktemp("stopped") / "run"
+    path.mkdir()
+    config = tiny_config()
+    (path / CONFIG).write_text(config.to_json())
+    lines = [{"round": r, "accuracy": 0.25, "loss": 2.0, "clients": [0, 1]} for r in range(RESUMED_ROUND + 1)]
+    (path / HISTORY).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    state = workspace.initial_state(config, workspace.federated_task(config).num_labels)
+    save_checkpoint(path, Checkpoint(RESUMED_ROUND, state.tensors(), config.model_dump(mode="json")))
+    return path
+
+
+@st.composite
+def run_damage(draw: st.DrawFn) -> tuple[str, Any]:
+    """A change to history.jsonl or summary.json that no resume may accept: (file, new content)."""
+    lines = [{"round": r, "accuracy": 0.25, "loss": 2.0, "clients": [0, 1]} for r in range(RESUMED_ROUND + 1)]
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    kind = draw(st.sampled_from(["cut history", "torn line", "garbage line", "round", "figure", "cut summary", "summary key"]))
+    if kind == "cut history":  # at least the last newline goes: the last round is torn, so missing
+        return "history.jsonl", text[: draw(st.integers(0, len(text) - 1))]
+    at = draw(st.integers(0, RESUMED_ROUND))
+    rows = [json.dumps(line) for line in lines]
+    if kind == "torn line":
+        rows[at] = rows[at][: draw(st.integers(0, len(rows[at]) - 1))]
+    elif kind == "garbage line":
+        rows[at] = draw(st.sampled_from(["[1, 2]", "7", "null", '"text"', "{", "}{"]) | st.text(max_size=20).filter(_not_a_row))
+    elif kind == "round":
+        row = dict(lines[at])
+        if draw(st.booleans()):
+            del row["round"]
+        else:
+            row["round"] = draw(MISTYPED | st.sampled_from([True, False, 1.0, -1, "0"]))
+        rows[at] = json.dumps(row)
+    elif kind == "figure":
+        figure = draw(st.sampled_from(["accuracy", "loss", "clients"]))
+        row = dict(lines[at])
+        if draw(st.booleans()) and figure != "clients":
+            del row[figure]
+        else:
+            row[figure] = draw(MISTYPED.filter(lambda v: figure != "clients" or not isinstance(v, list)))
+        rows[at] = json.dumps(row)
+    if kind in ("torn line", "garbage line", "round", "figure"):
+        return "history.jsonl", "\n".join(rows) + "\n"
+    summary = {"status": "finished", "rounds": RESUMED_ROUND, "final_accuracy": 0.25, "adapter": "adapter"}
+    whole = json.dumps(summary)
+    if kind == "cut summary":
+        return "summary.json", whole[: draw(st.integers(0, len(whole) - 1))]
+    key = draw(st.sampled_from(["status", "rounds", "final_accuracy"]))
+    if draw(st.booleans()):
+        del summary[key]
+    else:
+        also_wrong = {"status": "stopped", "rounds": 2.5, "final_accuracy": "0.25"}[key]
+        summary[key] = draw(MISTYPED | st.sampled_from([True, also_wrong]))
+    return "summary.json", json.dumps(summary)
+
+
+def _not_a_row(text: str) -> bool:
+    """Whether a line is no JSON object with a whole round (a blank line is skipped, not damage)."""
+    if not text.strip():
+        return False
+    try:
+        row = json.loads(text)
+    except ValueError:
+        return True
+    return not isinstance(row, dict)
+
+
+@pytest.mark.usefixtures("no_simulation")
+@FUZZ
+@given(damage=run_damage())
+def test_a_damaged_run_directory_is_one_line_and_exit_2_and_left_as_it_was(
+    capfd: pytest.CaptureFixture[str], stopped_run: Path, damage: tuple[str, str]
+) -> None:
+    name, content = damage
+    with tempfile.TemporaryDirectory() as folder:
+        run_dir = Path(folder) / "run"
+        shutil.copytree(stopped_run, run_dir)
+        (run_dir / name).write_text(content, encoding="utf-8")
+        before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+        line = assert_refused_in_one_line(capfd, "simulate", "--resume", str(run_dir))
+        assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != ".lock"} == before
+    assert name in line or "checkpoint is after round" in line
 
 
 # --- data files --------------------------------------------------------------------------------

@@ -218,8 +218,10 @@ def test_sgd_is_selectable_as_the_client_optimizer() -> None:
         (("privacy.delta=0.5",), "privacy.delta: 0.5 is at least 1/n"),
         (("privacy.epsilon=1e6",), f"more than any noise multiplier >= {SIGMA_MIN:g} spends"),
         (("privacy.epsilon=1e-6",), "the smallest feasible epsilon is about"),
+        (("privacy.planned_rounds=100000",), "privacy.accountant: 'prv' cannot account for 300000 DP steps a client"),
+        (("federation.rounds=100000", 'privacy.calibration="worst_case"'), "set privacy.accountant = 'rdp'"),
     ],
-    ids=["delta-at-least-1/n", "epsilon-1e6", "epsilon-1e-6"],
+    ids=["delta-at-least-1/n", "epsilon-1e6", "epsilon-1e-6", "prv-planned-rounds", "prv-rounds"],
 )
 def test_impossible_budgets_are_refused_in_one_line_within_seconds(overrides: tuple[str, ...], message: str) -> None:
     started = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -114,6 +115,64 @@ def test_two_default_run_directories_started_in_one_second_differ(tmp_path: Path
     assert default_run_dir(config) != first
 
 
+# --- a run directory that cannot be written --------------------------------------------------
+
+
+def read_only_below(folder: Path):
+    """Path.mkdir as on a read-only file system inside `folder`."""
+    real_mkdir = Path.mkdir
+
+    def mkdir(self: Path, *args: object, **kwargs: object) -> None:
+        if self.is_relative_to(folder):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        real_mkdir(self, *args, **kwargs)
+
+    return mkdir
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        (lambda t: t / "notes.txt", "notes.txt is a file, not a directory"),
+        (lambda t: t / "notes.txt" / "run", "notes.txt is a file, not a directory"),
+        (lambda t: t / "readonly" / "run", "Read-only file system"),
+        (lambda t: t / ("x" * 300), "File name too long"),
+    ],
+    ids=["a-file", "under-a-file", "read-only", "name-too-long"],
+)
+def test_an_out_that_cannot_be_written_is_one_line_and_exit_2(
+    out, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.setattr(Path, "mkdir", read_only_below(tmp_path / "readonly"))
+    code, output = run_cli("simulate", str(tiny_file(tmp_path)), "--out", str(out(tmp_path)))
+    assert code == 2 and len(output.strip().splitlines()) == 1 and message in output and "Traceback" not in output, output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_file_the_run_cannot_write_is_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedlora import cli
+
+    history = tmp_path / "run" / HISTORY
+
+    def refused(*_: object, **__: object) -> dict:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(history))
+
+    monkeypatch.setattr(cli, "run_with_progress", refused)
+    code, output = run_cli("simulate", str(tiny_file(tmp_path)), "--out", str(tmp_path / "run"))
+    assert code == 2 and len(output.strip().splitlines()) == 1 and "Traceback" not in output, output
+    assert str(history) in output.replace("\n", "") and "Permission denied" in output
+
+
+def test_compare_into_an_out_that_is_a_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(tiny_file(tmp_path).read_text() + "\n[sweep]\nseed = [0, 1]\n")
+    (tmp_path / "notes.txt").write_text("mine")
+    code, output = run_cli("compare", str(sweep), "--out", str(tmp_path / "notes.txt"))
+    assert code == 2 and len(output.strip().splitlines()) == 1 and "is a file, not a directory" in output, output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 # --- resume refuses what it cannot continue --------------------------------------------------
 
 
@@ -134,6 +193,19 @@ def interrupted_run(path: Path, tensors: dict | None = None, history_rounds: int
     state = workspace.initial_state(config, workspace.federated_task(config).num_labels)
     save_checkpoint(path, Checkpoint(1, tensors if tensors is not None else state.tensors(), config.model_dump(mode="json")))
     return path
+
+
+def _summary(run_dir: Path, **changes: object) -> None:
+    """A finished run's summary.json with `changes` (a value of ... leaves the key out)."""
+    summary = {"status": "finished", "rounds": 1, "final_accuracy": 0.5} | changes
+    (run_dir / SUMMARY).write_text(json.dumps({key: value for key, value in summary.items() if value is not ...}))
+
+
+def _history(run_dir: Path, index: int, line: str) -> None:
+    """Replace line `index` of history.jsonl, keeping the lines after it."""
+    lines = (run_dir / HISTORY).read_text().splitlines()
+    lines[index] = line
+    (run_dir / HISTORY).write_text("\n".join(lines) + "\n")
 
 
 def _nan_tensors() -> dict:
@@ -172,8 +244,26 @@ def _wrong_shape_tensors() -> dict:
             "the model has",
         ),
         (lambda d: (d / HISTORY).write_text(""), "history lacks round"),
+        (lambda d: _summary(d, final_accuracy=...), "'final_accuracy' is missing"),
+        (lambda d: _summary(d, rounds="2"), "'rounds' is \"2\", where it should be a whole number"),
+        (lambda d: (d / SUMMARY).write_text('{"status": "fini'), "summary.json: not valid JSON"),
+        (lambda d: _history(d, 0, '{"round": 0, "accur'), "history.jsonl: line 1 is not a JSON object"),
+        (lambda d: _history(d, 0, '{"accuracy": 0.1, "loss": 2.0}'), 'line 1 is not a JSON object with a whole "round"'),
+        (lambda d: _history(d, 1, '{"round": 1, "accuracy": "high", "loss": 2.0}'), "round 1: accuracy: Input should be"),
     ],
-    ids=["truncated", "garbage", "nan-factors", "wrong-shape", "empty-history"],
+    ids=[
+        "truncated",
+        "garbage",
+        "nan-factors",
+        "wrong-shape",
+        "empty-history",
+        "summary-without-a-key",
+        "summary-key-mistyped",
+        "summary-torn",
+        "history-corrupt-middle-line",
+        "history-line-without-round",
+        "history-figure-mistyped",
+    ],
 )
 def test_a_damaged_run_is_refused_before_anything_is_touched(damage, message: str, tmp_path: Path) -> None:
     run_dir = interrupted_run(tmp_path / "run")

@@ -13,8 +13,8 @@ import pytest
 from fedlora import cli
 from fedlora.config import ConfigError
 from fedlora.results import RoundRecord, read_history
-from fedlora.trackers import MlflowTracker, Trackers, WandbTracker, config_params, round_scalars
-from tests.conftest import tiny_config
+from fedlora.trackers import MlflowTracker, TrackerError, Trackers, WandbTracker, config_params, round_scalars
+from tests.conftest import one_line_refusal, tiny_config
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "simulations" / "quickstart.toml"
 RECORDS = [
@@ -229,6 +229,45 @@ def test_the_cli_refuses_a_missing_tracker_package_in_one_line_before_anything_r
     output = capsys.readouterr().out
     assert done.value.code == 2 and len(output.strip().splitlines()) == 1 and "wandb package" in output
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_tracker_installed_but_broken_is_refused_in_one_line_before_the_engine_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedlora import simulation
+
+    broken = tmp_path / "site" / "fedlora_broken_wandb"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError(\"cannot import name 'Message' from protobuf\")\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(WandbTracker, "module", "fedlora_broken_wandb")
+    monkeypatch.setattr(WandbTracker, "imports", ("fedlora_broken_wandb",))
+
+    def started(**_: object) -> None:
+        raise AssertionError("the simulation engine started with a broken tracker")
+
+    monkeypatch.setattr(simulation, "run_simulation", started)
+    runs = tmp_path / "runs"
+    line = one_line_refusal(
+        "simulate", str(QUICKSTART), "--set", 'output.trackers=["wandb"]', "--set", f"output.dir={str(runs)!r}"
+    )
+    assert "output.trackers: 'wandb' cannot import fedlora_broken_wandb (ImportError: cannot import name" in line
+    assert "pip install --force-reinstall wandb" in line
+    assert not runs.exists()  # nothing written: a rerun is not blocked
+
+
+def test_a_tracker_that_fails_to_start_is_one_line_that_says_how_to_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fails(*_: object) -> None:
+        raise RuntimeError("wandb.init: settings file is corrupt\nand a second line")
+
+    monkeypatch.setattr(WandbTracker, "start", fails)
+    with pytest.raises(
+        TrackerError, match=r"'wandb' failed to start \(RuntimeError: wandb.init: settings file is corrupt\)"
+    ) as err:
+        Trackers(["wandb"]).start(tiny_config(), tmp_path / "run")
+    assert f"fedlora simulate --resume {tmp_path / 'run'}" in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.e2e
