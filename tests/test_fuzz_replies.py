@@ -144,7 +144,10 @@ def tensors_of(content: dict[str, object]) -> dict[str, torch.Tensor]:
 # Values across float32's range: every float32 (subnormals, +-max, NaN, Inf) and the edges of the bound.
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 EDGES = [0.0, -0.0, 1e-45, 1.1754944e-38, 1.0, MAX_VALUE, -MAX_VALUE, 65536.0078125, 1e12, FLOAT32_MAX, -FLOAT32_MAX]
-FLOAT32 = st.floats(width=32) | st.sampled_from([*EDGES, math.inf, -math.inf, math.nan])
+BELOW_THE_BOUND = st.floats(MAX_VALUE / 2, MAX_VALUE, width=32)
+JUST_PAST_THE_BOUND = st.floats(MAX_VALUE, 2 * MAX_VALUE, exclude_min=True, width=32)
+NEAR_THE_BOUND = (BELOW_THE_BOUND | JUST_PAST_THE_BOUND).flatmap(lambda v: st.sampled_from([v, -v]))
+FLOAT32 = st.floats(width=32) | st.sampled_from([*EDGES, math.inf, -math.inf, math.nan]) | NEAR_THE_BOUND
 
 
 def out_of_bounds(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -322,7 +325,8 @@ def hostile_sender(data: st.DataObject, run: Round, client: int) -> list[Sent]:
         idle = message(FIRST_NODE + run.idle, run.content(run.idle))
         return [(me, None, Verdict.SILENT), (("client", run.idle), idle, Verdict.REJECTED)]
     if how == "twice":  # the second is refused whatever it holds, even when the first was
-        second = data.draw(st.sampled_from(HOSTILE[:-1]), label="second")(data, run, client)[-1][1]
+        again = data.draw(st.sampled_from([None, *HOSTILE[:-1]]), label="second")  # None: the same reply again
+        second = honest if again is None else again(data, run, client)[-1][1]
         return [(me, honest, Verdict.AGGREGATED), (me, second, Verdict.REJECTED)]
     if how == "error":
         return [(me, Message(metadata=honest.metadata, error=Error(code=0, reason="boom")), Verdict.REJECTED)]
@@ -343,7 +347,9 @@ def interleaved(replies: list[tuple[Sender, Message]], order: list[int]) -> list
 def assert_each_reply_accounted(run: Round, sent: list[Sent]) -> None:
     """Every reply ended where its verdict says, and the round log names every refusal with a reason."""
     log = run.strategy.last_round
-    aggregated = {("client", c) for c in [*log.accepted, *log.dropped]}
+    updates = [*log.accepted, *log.dropped]
+    assert len(updates) == len(set(updates)), updates  # one update a client at most
+    aggregated = {("client", c) for c in updates}
     rejected = Counter(("client", r["client"]) if "client" in r else ("node", r["node"]) for r in log.rejected)
     self_refused = Counter(("client", r["client"]) for r in log.refused)
     verdicts: dict[Sender, list[Verdict]] = {}
@@ -354,7 +360,7 @@ def assert_each_reply_accounted(run: Round, sent: list[Sent]) -> None:
         assert rejected[sender] == theirs.count(Verdict.REJECTED) + theirs.count(Verdict.SILENT), (sender, theirs)
         assert self_refused[sender] == theirs.count(Verdict.SELF_REFUSED), (sender, theirs)
     assert aggregated <= set(verdicts) and set(rejected) <= set(verdicts) and set(self_refused) <= set(verdicts)
-    for entry in [*log.rejected]:
+    for entry in log.rejected:
         assert isinstance(entry["reason"], str) and entry["reason"].strip(), entry
 
 
