@@ -212,7 +212,7 @@ def hostile_arrays(data: st.DataObject, run: Round, client: int) -> list[Sent]:
         for gone in data.draw(st.lists(st.sampled_from(keys), min_size=1, unique=True), label="missing"):
             del arrays[gone]
     elif how == "extra":
-        extra = data.draw(KEY_TEXT.filter(lambda k: k not in arrays) | st.sampled_from(EXTRA_KEYS), label="extra key")
+        extra = data.draw((KEY_TEXT | st.sampled_from(EXTRA_KEYS)).filter(lambda k: k not in arrays), label="extra key")
         arrays[extra] = arrays[key]
     content[ARRAYS_KEY] = None if how == "no record" else record_of(arrays)
     return [(("client", client), message(FIRST_NODE + client, content), Verdict.REJECTED)]
