@@ -1,22 +1,17 @@
-"""Fuzz: hostile replies against every strategy and defence, and hostile handshakes.
+"""Fuzz: hostile replies against every strategy and defence.
 
-Replies: each example builds one registered strategy behind no defence, a registered defence or
-bucketing in front of one, runs a round in which honest clients reply beside one to three hostile
-senders, and checks what issue 24 asks of every round: `aggregate_train` never raises; every reply
-ends in exactly one place (aggregated or dropped by the defence, refused with its reason, or
-refused by the client itself); a reply that breaks a rule (a value NaN, Inf or beyond MAX_VALUE,
-a wrong key, shape, dtype or payload, a metric that is no finite float32 number, a count other
-than the declared one, a sender that was not asked, a second reply) is refused and a harmless one
-is not; the state installed is finite and within MAX_VALUE, or the round is recorded as skipped;
-and every number bound for the history is finite.
+Each example builds one registered strategy behind no defence, a registered defence or bucketing
+in front of one, runs a round in which honest clients reply beside one to three hostile senders,
+and checks what issue 24 asks of every round: `aggregate_train` never raises; every reply ends in
+exactly one place (aggregated or dropped by the defence, refused with its reason, or refused by
+the client itself); a reply that breaks a rule (a value NaN, Inf or beyond MAX_VALUE, a wrong
+key, shape, dtype or payload, a metric that is no finite float32 number, a count other than the
+declared one, a sender that was not asked, a second reply) is refused and a harmless one is not;
+the state installed is finite and within MAX_VALUE, or the round is recorded as skipped; and
+every number bound for the history is finite. tests/test_fuzz_handshakes.py fuzzes the handshake.
 
-Handshakes: generated query replies (each field present or missing, of any type, huge, NaN,
-negative, fractional; records missing, of the wrong kind or extra; shared client ids; errors and
-silence) through `discover_clients`: every usable node is in the roster, every other one is left
-out with its reason, and the only exception is the one-line FederationError when too few remain.
-
-100 examples a test in `make test` (FEDLORA_FUZZ_EXAMPLES, as tests/test_fuzz_inputs.py); the
-longer run: FEDLORA_FUZZ_EXAMPLES=10000 .venv/bin/python -m pytest -q tests/test_fuzz_replies.py
+100 examples a test in `make test` (FEDLORA_FUZZ_EXAMPLES, as tests/test_fuzz_inputs.py); the longer run:
+FEDLORA_FUZZ_EXAMPLES=10000 .venv/bin/python -m pytest -q tests/test_fuzz_replies.py tests/test_fuzz_handshakes.py
 """
 
 from __future__ import annotations
@@ -30,14 +25,12 @@ from enum import Enum
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedlora.config import FederationConfig
 from fedlora.lora import LoraState
-from fedlora.roster import MAX_WHOLE, Roster
-from fedlora.server import FederationError, discover_clients
+from fedlora.roster import Roster
 from strategies import DEFENCES, NO_DEFENCE, STRATEGIES
 from strategies.base import ARRAYS_KEY, INFO_KEY, METRICS_KEY, LoraStrategy
 from strategies.bucketing import BucketingDefence
@@ -47,8 +40,7 @@ from strategies.robust import Defence
 from strategies.zprobe import ZProbeDefence
 from tests.conftest import reply_from
 from tests.test_fuzz_inputs import FUZZ
-from tests.test_handshake import FEDERATION, HONEST, ODD, HandshakeGrid, handshake, honest_replies
-from tests.test_hostile_values import EXAMPLES, assert_installable, honest_state, refusal_of
+from tests.test_hostile_values import EXAMPLES, FLOAT32_MAX, assert_installable, honest_state, refusal_of
 from tests.test_strategy_base import global_state
 
 pytestmark = pytest.mark.usefixtures("flower_task")  # hand-made messages need a run id
@@ -94,7 +86,7 @@ Sent = tuple[Sender, Message | None, Verdict]  # None: the sender stays silent
 
 
 class Round:
-    """A strategy's round 1 over honest clients and hostile ones, with one client never sampled."""
+    """A strategy's round (1 or 2: RoLoRA trains B, then A) over honest clients and hostile ones, one client never sampled."""
 
     def __init__(self, name: str, defence: tuple[str, int], hostile: int, server_round: int) -> None:
         screen = make_defence(*defence)
@@ -102,7 +94,6 @@ class Round:
         clients = self.honest_count + hostile + 1  # + 1 never sampled
         roster = Roster({FIRST_NODE + k: k for k in range(clients)}, dict.fromkeys(range(clients), EXAMPLES))
         self.strategy: LoraStrategy = STRATEGIES[name](roster, clients_per_round=clients - 1, defence=screen)
-        self.server_round = server_round
         list(self.strategy.configure_train(server_round, global_state().to_array_record(), ConfigRecord(), grid=None))
         sampled = self.strategy.last_round.sampled
         self.honest, self.hostile = sampled[: self.honest_count], sampled[self.honest_count :]
@@ -142,7 +133,6 @@ def tensors_of(content: dict[str, object]) -> dict[str, torch.Tensor]:
 
 
 # Values across float32's range: every float32 (subnormals, +-max, NaN, Inf) and the edges of the bound.
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 EDGES = [0.0, -0.0, 1e-45, 1.1754944e-38, 1.0, MAX_VALUE, -MAX_VALUE, 65536.0078125, 1e12, FLOAT32_MAX, -FLOAT32_MAX]
 BELOW_THE_BOUND = st.floats(MAX_VALUE / 2, MAX_VALUE, width=32)
 JUST_PAST_THE_BOUND = st.floats(MAX_VALUE, 2 * MAX_VALUE, exclude_min=True, width=32)
@@ -425,108 +415,3 @@ def test_an_array_header_too_large_for_memory_is_refused_not_raised() -> None:
     replies = [reply for _, reply, _ in run.honest_replies()] + [message(FIRST_NODE + client, content)]
     new_state, _ = run.strategy.aggregate_train(1, replies)
     assert new_state is not None and "cannot be decoded" in str(refusal_of(run.strategy, client))
-
-
-# --- handshakes --------------------------------------------------------------------------------
-
-NUM_CLIENTS = 4
-FIRST_HANDSHAKE_NODE = 10
-MISSING = object()  # a field left out of its record
-RECORD_KINDS = {"config": ConfigRecord, "metrics": MetricRecord, "arrays": lambda _: ArrayRecord(), "none": lambda _: None}
-
-WHOLE = st.integers(-3, NUM_CLIENTS + 2) | st.integers(-(2**70), 2**70) | st.sampled_from([2**53, 2**63, 2**1100, -(2**1100)])
-FIELD_VALUES = st.one_of(
-    WHOLE,
-    WHOLE.filter(lambda n: abs(n) < 2**1000).map(float),
-    st.floats(),
-    st.sampled_from([math.nan, math.inf, -math.inf, 0.5, -0.0, 1e300, FLOAT32_MAX]),
-    st.booleans(),
-    st.text(max_size=5),
-    st.binary(max_size=4),
-    st.lists(st.integers(0, 3), max_size=2),
-    st.just(MISSING),
-)
-EXTRA_FIELDS = st.dictionaries(
-    st.text(max_size=6).filter(lambda k: k not in ("client-id", "num-examples")), st.integers() | st.floats(), max_size=2
-)
-EXTRA_RECORDS = st.dictionaries(
-    st.text(max_size=6).filter(lambda k: k not in (INFO_KEY, METRICS_KEY)),
-    st.sampled_from([ConfigRecord({"client-id": 0}), MetricRecord({"num-examples": 5}), ArrayRecord()]),
-    max_size=2,
-)
-
-
-def handshake_record(data: st.DataObject, field: str, value: object) -> ConfigRecord | MetricRecord | ArrayRecord | None:
-    """A record holding `field` (unless MISSING) and extra fields, of a drawn kind; a value a MetricRecord cannot hold goes in a ConfigRecord."""
-    fields = data.draw(EXTRA_FIELDS, label=f"{field} extra fields") | ({} if value is MISSING else {field: value})
-    kind = data.draw(st.sampled_from(list(RECORD_KINDS)), label=f"{field} record")
-    try:
-        return RECORD_KINDS[kind](fields)
-    except TypeError:  # MetricRecord holds numbers only
-        return ConfigRecord(fields)
-
-
-def declared_whole(value: object, low: int, high: int) -> bool:
-    """Whether a handshake value is a number (not a bool), finite, whole and in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return (isinstance(value, int) or (math.isfinite(value) and value == int(value))) and low <= value <= high
-
-
-def handshake_reply(data: st.DataObject, node: int) -> tuple[Message | None, tuple[int, int] | None]:
-    """A node's generated handshake reply (None: silent), and the (client id, count) it validly declares, if it does."""
-    kind = data.draw(st.sampled_from(["reply", "error", "silent"]), label=f"node {node}")
-    if kind == "silent":
-        return None, None
-    client = data.draw(st.integers(0, NUM_CLIENTS - 1) | FIELD_VALUES, label="client-id")
-    count = data.draw(st.integers(1, 10**6) | FIELD_VALUES, label="num-examples")
-    info, metrics = handshake_record(data, "client-id", client), handshake_record(data, "num-examples", count)
-    records = data.draw(EXTRA_RECORDS, label="extra records") | {INFO_KEY: info, METRICS_KEY: metrics}
-    reply = reply_from(node, RecordDict({k: r for k, r in records.items() if r is not None}), MessageType.QUERY)
-    if kind == "error":
-        return Message(metadata=reply.metadata, error=Error(code=0, reason="crashed")), None
-    readable = all(isinstance(r, (ConfigRecord, MetricRecord)) for r in (info, metrics))
-    valid = readable and declared_whole(client, 0, NUM_CLIENTS - 1) and declared_whole(count, 1, MAX_WHOLE)
-    return reply, (int(client), int(count)) if valid else None
-
-
-@FUZZ
-@given(nodes=st.integers(1, 7), clients_per_round=st.integers(1, NUM_CLIENTS), data=st.data())
-def test_a_hostile_handshake_leaves_its_node_out_with_a_reason_and_the_others_in(
-    nodes: int, clients_per_round: int, data: st.DataObject
-) -> None:
-    node_ids = [FIRST_HANDSHAKE_NODE + k for k in range(nodes)]
-    replies, declared = {}, {}
-    for node in node_ids:
-        reply, declaration = handshake_reply(data, node)
-        if reply is not None:
-            replies[node] = reply
-        if declaration is not None:
-            declared[node] = declaration
-    claims = Counter(client for client, _ in declared.values())
-    usable = {node: d for node, d in declared.items() if claims[d[0]] == 1}  # a shared client id is nobody's
-    federation = FederationConfig(num_clients=NUM_CLIENTS, clients_per_round=clients_per_round)
-    if len(usable) < clients_per_round:
-        with pytest.raises(FederationError) as raised:
-            discover_clients(HandshakeGrid(replies), node_ids, federation)
-        message_text = str(raised.value)
-        assert "\n" not in message_text and f"only {len(usable)} of {nodes} nodes passed the handshake" in message_text
-        assert all(f"node {node}: " in message_text for node in set(node_ids) - set(usable))
-        return
-    roster = discover_clients(HandshakeGrid(replies), node_ids, federation)
-    assert roster.clients == {node: client for node, (client, _) in usable.items()}
-    assert roster.examples == dict(usable.values())
-    assert set(roster.excluded) == set(node_ids) - set(usable)
-    assert all(reason.strip() and "\n" not in reason for reason in roster.excluded.values())
-    assert all(math.isfinite(weight) for weight in roster.weights("examples", 4.0).values())
-
-
-@pytest.mark.parametrize(
-    ("client", "count"), [(2, 2**1100), (2**1100, 10), (2, 2**53 + 1), (2, 1e300)], ids=["2^1100", "id-2^1100", "2^53+1", "1e300"]
-)
-def test_a_whole_number_beyond_2_53_leaves_its_node_out_instead_of_raising(client: int, count: float) -> None:
-    """Found by this fuzzer: an int beyond float's range raised OverflowError out of the handshake
-    (math.isfinite), and a count beyond float32 passed, though each reply repeating it is refused."""
-    replies = {**honest_replies(), ODD: handshake(ODD, client, examples=count)}
-    roster = discover_clients(HandshakeGrid(replies), [10, 11, ODD], FEDERATION)
-    assert roster.clients == HONEST and "must be at most 2^53 in magnitude" in roster.excluded[ODD]
