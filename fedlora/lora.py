@@ -245,7 +245,7 @@ def _tensor_view(key: str, array: Array) -> torch.Tensor:
         offset, dtype, shape, fortran_order = _npy_header(bytes(data[: _npy_header_end(data)]))
         values = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset)
         return torch.from_numpy(values.reshape(shape, order="F" if fortran_order else "C"))
-    except (ValueError, TypeError) as err:  # not a .npy payload, too short, or a dtype torch lacks
+    except (ValueError, TypeError, OverflowError) as err:  # not .npy, too short, a dtype torch lacks, a size beyond memory
         raise LoraRecordError(f"array {key!r} cannot be decoded: {err}") from None
 
 

@@ -20,6 +20,12 @@ from typing import Literal
 Weighting = Literal["examples", "uniform"]
 
 
+# The largest magnitude of a whole number the handshake takes: 2^53, float64's largest run of exact
+# integers. A declared count becomes a float64 weight, and a reply repeats it as a float metric that
+# must equal it exactly; a larger int would not even convert to a float. No data set comes near.
+MAX_WHOLE = 2**53
+
+
 class RosterError(ValueError):
     """A handshake that does not describe a usable federation."""
 
@@ -41,13 +47,15 @@ def client_id_problem(value: object, num_clients: int) -> str | None:
 
 
 def whole_number_problem(key: str, value: object) -> str | None:
-    """Why a handshake value is not a finite whole number (a bool or a string is not one), or None."""
+    """Why a handshake value is not a finite whole number within `MAX_WHOLE` (a bool or a string is not one), or None."""
     if value is None:
         return f"{key} is missing"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"{key} must be a number, got {value!r}"
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         return f"{key} must be finite, got {value!r}"
+    if abs(value) > MAX_WHOLE:  # log10, not repr: a huge int has no float and too many digits to print
+        return f"{key} must be at most 2^53 in magnitude, got about 10^{math.log10(abs(value)):.0f}"
     if value != int(value):
         return f"{key} must be a whole number, got {value!r}"
     return None

@@ -116,7 +116,7 @@ def discover_clients(grid: Grid, node_ids: list[int], federation: FederationConf
     A node whose handshake is unusable is left out of the federation with its reason (logged,
     and kept in the roster for summary.json's excluded_nodes): an error or no reply, no `info` or
     `metrics` record, a client id that is not one of the federation's (a whole number
-    0..num_clients-1), an example count that is not a positive whole number. Nodes that claim one
+    0..num_clients-1), an example count that is not a positive whole number up to 2^53. Nodes that claim one
     client id are all left out: the server cannot tell which of them is that client, and keeping
     the first would hand the id to whichever answers first. The federation goes on with the
     others; fewer than federation.clients_per_round of them end the run in one line.
