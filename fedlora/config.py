@@ -343,11 +343,12 @@ class StrategyConfig(_Section):
         "Krum's f = floor(phi_max n), the trimmed mean's cut at each end",
     )
     cc_tau: float = Field(10.0, gt=0, description="centered_clipping: the clipping radius tau, in the norm of a flattened update")
-    cc_iterations: int = Field(5, ge=1, le=100, description="centered_clipping: clipping iterations a round")
+    cc_iterations: int = Field(1, ge=1, le=100, description="centered_clipping: clipping iterations a round")
     rfa_iterations: int = Field(3, ge=1, le=100, description="rfa: smoothed Weiszfeld iterations a round")
     bucket_size: int = Field(
         1,
         ge=1,
+        le=1000,
         description="bucketing (Karimireddy et al. 2022) in front of strategy.robust: average random buckets of this "
         "many updates, then apply the robust rule to the bucket means (1: no bucketing)",
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 from fedlora.config import ConfigError, ExperimentConfig, StrategyConfig
 from fedlora.roster import Roster
 from strategies.base import LoraStrategy
-from strategies.bucketing import BucketingDefence
+from strategies.bucketing import BucketingDefence, bucket_phi
 from strategies.bulyan import BulyanDefence
 from strategies.centered_clipping import CenteredClippingDefence
 from strategies.fedex_lora import FedExLoRA
@@ -82,8 +82,11 @@ def build_defence(config: StrategyConfig) -> Defence | None:
     defence_type = defence_class(config.robust)
     if defence_type is None:
         return None
-    defence = defence_type.from_config(config)
-    return BucketingDefence(defence, config.bucket_size) if config.bucket_size > 1 else defence
+    if config.bucket_size == 1:
+        return defence_type.from_config(config)
+    # The rule screens bucket means, of which a larger share may hold an attacker.
+    inner_config = config.model_copy(update={"phi_max": bucket_phi(config.phi_max, config.bucket_size)})
+    return BucketingDefence(defence_type.from_config(inner_config), config.bucket_size, config.phi_max)
 
 
 def describe() -> list[tuple[str, str]]:

@@ -292,6 +292,7 @@ class LoraStrategy(Strategy):
         round_log.accepted = sorted(u.client_id for u in kept)
         # min_replies counts valid replies; a defence may then keep fewer (Krum keeps one), not none.
         if len(updates) < self.min_replies or not kept:
+            self._settle_defence(installed=False)
             round_log.skipped = True
             log(
                 WARNING,
@@ -308,6 +309,7 @@ class LoraStrategy(Strategy):
         except torch.linalg.LinAlgError as err:  # e.g. an SVD that does not converge
             problem = f"the aggregation's linear algebra failed: {err}"
         round_log.aggregate_seconds = time.perf_counter() - started
+        self._settle_defence(installed=not problem)
         if problem:  # keep the previous state rather than install a broken one
             round_log.skipped = True
             round_log.extra["not_installed"] = problem
@@ -379,6 +381,7 @@ class LoraStrategy(Strategy):
             return [], None
         deltas = [u.state.minus(self.global_state) for u in updates]
         weights = torch.tensor([u.weight for u in updates], dtype=torch.float64)
+        self.defence.begin_round(self.trains)
         screening = self.defence.screen(
             torch.stack([d.flatten() for d in deltas]), weights / weights.sum(), derive_seed(self.seed, "defence", server_round)
         )
@@ -389,6 +392,11 @@ class LoraStrategy(Strategy):
         # The robust statistic enters the strategy's own aggregation as one client's update.
         state = self.global_state.plus(deltas[0].unflatten(screening.aggregate))
         return kept, ClientUpdate(-1, state, 1.0, {}, {})
+
+    def _settle_defence(self, installed: bool) -> None:
+        """Tell a defence with memory whether the round it screened counted."""
+        if self.defence is not None:
+            self.defence.settle(installed)
 
     def _aggregate(self, updates: list[ClientUpdate]) -> LoraState:
         weights = torch.tensor([u.weight for u in updates], dtype=torch.float64)

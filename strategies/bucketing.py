@@ -24,6 +24,11 @@ from strategies.robust import Defence, Screening, check_updates
 MAX_FRACTION = 0.49  # a robust rule's phi_max must stay below 1/2
 
 
+def bucket_phi(phi_max: float, bucket_size: int) -> float:
+    """The bound on the fraction of bucket means an attacker touches: s * phi_max, kept below 1/2."""
+    return min(bucket_size * phi_max, MAX_FRACTION)
+
+
 def bucket_assignment(n: int, bucket_size: int, seed: int) -> list[list[int]]:
     """The seeded random partition of range(n) into buckets of bucket_size (the last may be smaller)."""
     if n < 1 or bucket_size < 1:
@@ -46,15 +51,25 @@ class BucketingDefence(Defence):
     description = "bucketing (Karimireddy et al. 2022): random buckets of s updates averaged, then the robust rule"
     drops_clients = False
 
-    def __init__(self, inner: Defence, bucket_size: int) -> None:
+    def __init__(self, inner: Defence, bucket_size: int, phi_max: float) -> None:
+        """`inner` screens the bucket means, so it must be built for a bound of `bucket_phi(phi_max, s)`."""
         if bucket_size < 2:
             raise ValueError(f"bucketing: bucket_size must be at least 2, got {bucket_size}")
-        super().__init__(inner.phi_max)
+        if inner.phi_max != bucket_phi(phi_max, bucket_size):
+            raise ValueError(f"bucketing: the inner rule must assume phi_max = {bucket_phi(phi_max, bucket_size)}")
+        super().__init__(phi_max)
         self.inner = inner
         self.name = f"bucketing+{inner.name}"  # what the history records: the wrapper and its rule
         self.bucket_size = bucket_size
-        self.inner.phi_max = min(bucket_size * inner.phi_max, MAX_FRACTION)
         self.min_clients = (inner.min_clients - 1) * bucket_size + 1  # enough updates for the inner rule's buckets
+
+    def begin_round(self, trained: str) -> None:
+        """Passed on to the inner rule."""
+        self.inner.begin_round(trained)
+
+    def settle(self, installed: bool) -> None:
+        """Passed on to the inner rule."""
+        self.inner.settle(installed)
 
     def screen(self, updates: Tensor, weights: Tensor, seed: int) -> Screening:
         """Every client kept; the inner rule's result over the bucket means is the round's update."""

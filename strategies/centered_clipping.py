@@ -7,13 +7,14 @@ the updates' differences from v, each difference clipped to norm tau:
 
 An attacker far from v moves it by at most tau / n an iteration, however large its update. The
 mean counts clients, not examples (as the median does: example counts are self-reported).
-tau and the number of iterations default to the values of the authors' code (10 and 5); tau is
-in the units of the flattened update, so it must be set for the task (the honest updates'
-norms).
+One iteration by default, as in the authors' reference code (epfml's `Clipping(tau, n_iter=1)`);
+tau has no default there: ours is 10, in the units of the flattened update, so set it for the
+task (the honest updates' norms).
 
-The centre carries over between rounds (the paper's "learning from history"). It restarts at
-zero when the update's length changes (RoLoRA alternates which factor trains) and when a run
-resumes from a checkpoint (the centre is not checkpointed).
+The centre carries over between rounds (the paper's "learning from history"), one centre per
+kind of update (RoLoRA's A rounds and B rounds each keep their own), and only from rounds whose
+state was installed (`settle`). It restarts at zero for an update of another length and when a
+run resumes from a checkpoint (the centre is not checkpointed).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from fedlora.config import StrategyConfig
 from strategies.robust import Defence, Screening, check_updates
 
 DEFAULT_TAU = 10.0
-DEFAULT_ITERATIONS = 5
+DEFAULT_ITERATIONS = 1
 
 
 def clip_to_norm(rows: Tensor, tau: float) -> Tensor:
@@ -73,18 +74,36 @@ class CenteredClippingDefence(Defence):
         super().__init__(phi_max)
         self.tau = tau
         self.iterations = iterations
-        self.center: Tensor | None = None
+        self.centers: dict[str, Tensor] = {}  # the last installed aggregate, by the factors trained
+        self.trained = ""
+        self.pending: Tensor | None = None  # this round's aggregate, until the round is settled
 
     @classmethod
     def from_config(cls, config: StrategyConfig) -> CenteredClippingDefence:
         """The defence with `[strategy]`'s options for it."""
         return cls(config.phi_max, tau=config.cc_tau, iterations=config.cc_iterations)
 
+    @property
+    def center(self) -> Tensor | None:
+        """The centre the next round of the current kind starts from (None: zeros)."""
+        return self.centers.get(self.trained)
+
+    def begin_round(self, trained: str) -> None:
+        """Screen this round from the centre of its kind of update."""
+        self.trained = trained
+        self.pending = None
+
+    def settle(self, installed: bool) -> None:
+        """The round's aggregate becomes its kind's centre only if the round's state was installed."""
+        if installed and self.pending is not None:
+            self.centers[self.trained] = self.pending
+        self.pending = None
+
     def screen(self, updates: Tensor, weights: Tensor, seed: int) -> Screening:
-        """All clients kept; the centre after the iterations is the round's update, and the next round's start."""
+        """All clients kept; the centre after the iterations is the round's update."""
         center = self.center if self.center is not None and self.center.shape == updates.shape[1:] else None
         aggregate = centered_clipping(updates, weights, center=center, tau=self.tau, iterations=self.iterations)
-        self.center = aggregate.detach().to(torch.float64).cpu()
+        self.pending = aggregate.detach().to(torch.float64).cpu()
         clipped = int(((updates.to(torch.float64) - aggregate.to(torch.float64)).norm(dim=1) > self.tau).sum())
         return Screening(
             kept=list(range(updates.shape[0])),

@@ -7,8 +7,8 @@ the paper does by the smoothed Weiszfeld algorithm: from the weighted mean, repe
 
 The smoothing nu keeps a step finite when v lands on an update. alpha_i are the server's
 weights of the clients (declared example shares, capped: `fedlora.roster`), as the paper weighs
-by the clients' data sizes. The paper finds a few iterations enough (its default budget is 3);
-`iterations` and `nu` are settable. The objective never increases from one iteration to the
+by the clients' data sizes. The paper finds a few iterations enough (its default budget is 3):
+`strategy.rfa_iterations` sets it; nu is fixed at 1e-6 in runs (an argument of the functions). The objective never increases from one iteration to the
 next (Weiszfeld's majorize-minimize step), which the tests check.
 """
 

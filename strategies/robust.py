@@ -65,6 +65,16 @@ class Defence(ABC):
         """The defence with the options `[strategy]` sets (phi_max; a rule's own keys where it has some)."""
         return cls(config.phi_max)
 
+    def begin_round(self, trained: str) -> None:
+        """Told before `screen` which factors the round's updates are of ("AB", "A", "B"): a rule with
+        memory across rounds keeps it per kind of update (RoLoRA alternates A and B rounds)."""
+        return  # no memory by default
+
+    def settle(self, installed: bool) -> None:
+        """Told after `screen` whether the round's new state was installed: a rule with memory
+        commits what it learnt from a round only if the round counted."""
+        return  # no memory by default
+
     @abstractmethod
     def screen(self, updates: Tensor, weights: Tensor, seed: int) -> Screening:
         """Screen the n x dim `updates` (weights: the clients' example shares; seed: this round's)."""

@@ -33,7 +33,7 @@ from fedlora.lora import LoraState
 from fedlora.roster import Roster
 from strategies import DEFENCES, NO_DEFENCE, STRATEGIES
 from strategies.base import ARRAYS_KEY, INFO_KEY, METRICS_KEY, LoraStrategy
-from strategies.bucketing import BucketingDefence
+from strategies.bucketing import BucketingDefence, bucket_phi
 from strategies.ffa_lora import FFALoRA
 from strategies.reply_values import MAX_METRIC, MAX_VALUE
 from strategies.robust import Defence
@@ -61,8 +61,9 @@ def make_defence(name: str, bucket_size: int) -> Defence | None:
     """The registered defence `name` (None for "none"), behind bucketing when bucket_size > 1."""
     if name == NO_DEFENCE:
         return None
-    inner = ZProbeDefence(PHI_MAX, clusters=ZPROBE_CLUSTERS) if name == ZProbeDefence.name else DEFENCES[name](PHI_MAX)
-    return BucketingDefence(inner, bucket_size) if bucket_size > 1 else inner
+    phi = bucket_phi(PHI_MAX, bucket_size) if bucket_size > 1 else PHI_MAX
+    inner = ZProbeDefence(phi, clusters=ZPROBE_CLUSTERS) if name == ZProbeDefence.name else DEFENCES[name](phi)
+    return BucketingDefence(inner, bucket_size, PHI_MAX) if bucket_size > 1 else inner
 
 
 DEFENCE_SETUPS = [

@@ -12,12 +12,14 @@ from hypothesis import strategies as st
 from scipy.optimize import minimize
 
 from fedlora.config import ConfigError, ExperimentConfig
+from fedlora.roster import Roster
 from strategies import DEFENCES, build_defence
-from strategies.bucketing import BucketingDefence, bucket_assignment, bucket_means
+from strategies.bucketing import BucketingDefence, bucket_assignment, bucket_means, bucket_phi
 from strategies.centered_clipping import CenteredClippingDefence, centered_clipping
 from strategies.krum import KrumDefence
 from strategies.median import MedianDefence
 from strategies.rfa import RFADefence, geometric_median, weiszfeld_objective
+from strategies.robust import Screening
 from tests.synthetic_updates import attacked_round
 
 SIZES = {"n": st.integers(2, 9), "dim": st.integers(1, 6), "seed": st.integers(0, 10_000)}
@@ -62,18 +64,43 @@ def test_centered_clipping_equals_the_papers_iteration(
     np.testing.assert_allclose(ours.numpy(), _brute_centered_clipping(x, center, tau, iterations), rtol=1e-6, atol=1e-9)
 
 
-def test_centered_clipping_with_a_radius_no_update_reaches_is_the_mean_and_keeps_its_centre() -> None:
+def test_centered_clipping_with_a_radius_no_update_reaches_is_the_mean() -> None:
     x = torch.from_numpy(_rows(7, 5, 1))
     torch.testing.assert_close(centered_clipping(x, tau=1e9, iterations=1), x.mean(dim=0))
+
+
+def _screen(defence: CenteredClippingDefence, trained: str, x: torch.Tensor, installed: bool = True) -> Screening:
+    defence.begin_round(trained)
+    screening = defence.screen(x, torch.full((x.shape[0],), 1 / x.shape[0]), seed=0)
+    defence.settle(installed)
+    return screening
+
+
+def test_centered_clipping_starts_from_the_last_installed_centre_of_the_same_factors() -> None:
+    x, y = torch.from_numpy(_rows(7, 5, 1)), torch.from_numpy(_rows(7, 5, 2))
     defence = CenteredClippingDefence(tau=0.5, iterations=2)
-    first = defence.screen(x, torch.full((7,), 1 / 7), seed=0)
-    assert first.stats["restarted"] == 1 and defence.center is not None
-    second = defence.screen(x, torch.full((7,), 1 / 7), seed=1)
-    assert second.stats["restarted"] == 0
-    expected = _brute_centered_clipping(x.numpy(), first.aggregate.numpy(), 0.5, 2)
-    np.testing.assert_allclose(second.aggregate.numpy(), expected, rtol=1e-9)
-    # An update of another length (RoLoRA's other factor) restarts from zero.
-    assert defence.screen(x[:, :3], torch.full((7,), 1 / 7), seed=2).stats["restarted"] == 1
+    first = _screen(defence, "B", x)
+    assert first.stats["restarted"] == 1
+    # An A round (RoLoRA, square layers: the same length) starts from its own centre, zero.
+    assert _screen(defence, "A", y).stats["restarted"] == 1
+    second = _screen(defence, "B", x, installed=False)
+    np.testing.assert_allclose(second.aggregate.numpy(), _brute_centered_clipping(x.numpy(), first.aggregate.numpy(), 0.5, 2))
+    # The round above was not installed: the next B round starts from the first round's centre again.
+    third = _screen(defence, "B", y)
+    np.testing.assert_allclose(third.aggregate.numpy(), _brute_centered_clipping(y.numpy(), first.aggregate.numpy(), 0.5, 2))
+    # An update of another length restarts from zero.
+    assert _screen(defence, "B", x[:, :3]).stats["restarted"] == 1
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_the_strategy_settles_the_centre_only_for_installed_rounds() -> None:
+    from tests.test_hostile_values import EXAMPLES, NODES, BrokenRule, N, new_strategy, run_round  # noqa: PLC0415
+
+    installed = new_strategy("fedit", "centered_clipping")
+    assert run_round(installed)[0] is not None and installed.defence.center is not None
+    broken = BrokenRule(Roster(NODES, dict.fromkeys(NODES.values(), EXAMPLES)), clients_per_round=N)
+    broken.defence = CenteredClippingDefence()
+    assert run_round(broken)[0] is None and broken.defence.center is None
 
 
 @settings(max_examples=40, deadline=None)
@@ -114,12 +141,12 @@ def test_bucketing_applies_its_rule_to_the_bucket_means(n: int, dim: int, seed: 
     buckets = bucket_assignment(n, size, seed)
     means = np.stack([x.numpy()[b].mean(axis=0) for b in buckets])
     np.testing.assert_allclose(bucket_means(x, buckets).numpy(), means, rtol=1e-12)
-    median = BucketingDefence(MedianDefence(0.2), size).screen(x, weights, seed)
+    median = BucketingDefence(MedianDefence(bucket_phi(0.2, size)), size, 0.2).screen(x, weights, seed)
     np.testing.assert_allclose(median.aggregate.numpy(), np.median(means, axis=0), rtol=1e-9, atol=1e-12)
     assert median.kept == list(range(n))
     if len(buckets) >= 3:  # Krum keeps one bucket mean: the one with the lowest score among the means
-        krum = BucketingDefence(KrumDefence(0.2), size).screen(x, weights, seed)
-        chosen = KrumDefence(min(size * 0.2, 0.49)).screen(torch.from_numpy(means), None, seed).kept
+        krum = BucketingDefence(KrumDefence(bucket_phi(0.2, size)), size, 0.2).screen(x, weights, seed)
+        chosen = KrumDefence(bucket_phi(0.2, size)).screen(torch.from_numpy(means), None, seed).kept
         np.testing.assert_allclose(krum.aggregate.numpy(), means[chosen].mean(axis=0), rtol=1e-9)
 
 
@@ -145,9 +172,10 @@ def test_each_new_rule_stays_within_the_honest_spread_under_every_attack(rule: s
     honest_mean = updates[honest].mean(dim=0)
     spread = float((updates[honest] - honest_mean).norm(dim=1).median())
     defence = {
-        "centered_clipping": CenteredClippingDefence(tau=spread),
+        # From a zero centre (a first round) one iteration cannot reach the honest cloud: five do.
+        "centered_clipping": CenteredClippingDefence(tau=spread, iterations=5),
         "rfa": RFADefence(),
-        "bucketing+rfa": BucketingDefence(RFADefence(0.25), 2),
+        "bucketing+rfa": BucketingDefence(RFADefence(bucket_phi(0.125, 2)), 2, 0.125),
     }[rule]
     screening = defence.screen(updates, torch.full((24,), 1 / 24), seed=0)
     error = float((screening.aggregate - honest_mean).norm())
@@ -168,5 +196,9 @@ def test_config_names_the_rules_and_their_options() -> None:
     )
     assert isinstance(bucketed, BucketingDefence) and bucketed.name == "bucketing+krum"
     assert bucketed.inner.phi_max == pytest.approx(0.3) and bucketed.min_clients == 7
+    zprobe = build_defence(
+        ExperimentConfig.model_validate({"strategy": {"robust": "zprobe", "bucket_size": 2, "phi_max": 0.2}}).strategy
+    )
+    assert zprobe.inner.params.phi_max == pytest.approx(0.4)  # the bound zPROBE screens with, not only its attribute
     with pytest.raises((ConfigError, ValueError), match="bucket_size"):
         ExperimentConfig.model_validate({"strategy": {"bucket_size": 2}})
