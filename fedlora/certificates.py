@@ -116,9 +116,11 @@ def write_files(files: list[PendingFile], force: bool = False, fix: str = "choos
     """Write every file or none: each goes beside its target first (NAME.partial), and only once
     all are written are they renamed into place. A file that cannot be written (read-only or
     missing folder, full disk) leaves the existing files as they were; CertificateError says
-    where, then `fix`."""
+    where, then `fix`. The renames are atomic one by one, not together: if one fails after
+    others succeeded (rare: the folder was just written to), the error names those replaced."""
     refuse_overwrite([file.path for file in files], force)
     staged: list[Path] = []
+    replaced: list[Path] = []
     try:
         for file in files:
             file.path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,13 +130,15 @@ def write_files(files: list[PendingFile], force: bool = False, fix: str = "choos
             _write_new(partial, file.data, 0o600 if file.private else 0o666)
         for partial, file in zip(staged, files):
             os.replace(partial, file.path)
+            replaced.append(file.path)
     except OSError as err:
         for partial in staged:
             partial.unlink(missing_ok=True)
         # Name the file, not its stage (NAME.partial); a folder that cannot be made, by its own name.
         staging = err.filename is None or str(err.filename).endswith(".partial")
         where = file.path if staging else err.filename
-        raise CertificateError(f"cannot write {where}: {err.strerror or err}; nothing was replaced; {fix}") from None
+        done = f"already replaced: {', '.join(p.name for p in replaced)}" if replaced else "nothing was replaced"
+        raise CertificateError(f"cannot write {where}: {err.strerror or err}; {done}; {fix}") from None
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:

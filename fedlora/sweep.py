@@ -228,9 +228,10 @@ def _toml_value(value: Any) -> str:
 def run_status(run_dir: Path) -> str:
     """The run's status: "finished" when summary.json says so, "failed" when error.txt is there, else "pending"."""
     try:
-        if json.loads((run_dir / SUMMARY).read_text()).get("status") == "finished":
+        summary = json.loads((run_dir / SUMMARY).read_text())
+        if isinstance(summary, dict) and summary.get("status") == "finished":
             return "finished"
-    except (OSError, ValueError):  # absent, or cut short by a kill
+    except (OSError, ValueError):  # absent, or cut short by a kill (not an object: damaged, so not finished)
         pass
     return "failed" if (run_dir / ERROR).exists() else "pending"
 

@@ -42,9 +42,11 @@ def finite_metrics(record: MetricRecord) -> dict[str, float] | str:
     """The record's metrics as floats, or why they are refused (not a finite number, or beyond `MAX_METRIC`)."""
     metrics: dict[str, float] = {}
     for key, value in record.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (math.inf, -math.inf):
             return f"metric {key} is not a finite number (got {value!r})"
-        if abs(value) > MAX_METRIC:
+        if abs(value) > MAX_METRIC:  # before isfinite: an int beyond float's range makes it raise
+            if isinstance(value, int):
+                return f"metric {key} is an integer of {len(str(abs(value)))} digits, too large to aggregate"
             return f"metric {key} is {value:.3g}, too large to aggregate (beyond float32's {MAX_METRIC:.3g})"
         metrics[key] = float(value)
     return metrics

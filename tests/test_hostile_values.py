@@ -23,7 +23,7 @@ from fedlora.simulation import simulate
 from strategies import DEFENCES, STRATEGIES
 from strategies.base import ARRAYS_KEY, INFO_KEY, METRICS_KEY, LoraStrategy
 from strategies.fedit import FedIT
-from strategies.reply_values import MAX_VALUE
+from strategies.reply_values import MAX_VALUE, finite_metrics
 from strategies.robust import Defence
 from tests.conftest import reply_from, tiny_config
 from tests.test_strategy_base import global_state
@@ -207,3 +207,10 @@ def test_one_scaling_attacker_at_1e12_behind_zprobe_is_refused_and_the_run_finis
         assert not record["skipped"] and attacker not in record["clients"] and math.isfinite(record["train_loss"])
     text = (tmp_path / "run" / HISTORY).read_text()
     assert "Infinity" not in text and "NaN" not in text
+
+
+def test_an_integer_metric_beyond_float_is_refused_not_raised() -> None:
+    # Before: math.isfinite(10**400) raised OverflowError out of the reply checks.
+    assert "401 digits" in finite_metrics(MetricRecord({"train-loss": 10**400}))
+    assert "not a finite number" in finite_metrics(MetricRecord({"train-loss": math.inf}))
+    assert finite_metrics(MetricRecord({"train-loss": 2**60})) == {"train-loss": float(2**60)}

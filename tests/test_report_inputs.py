@@ -260,7 +260,7 @@ def test_a_causal_lm_run_and_a_classifier_get_a_table_and_a_winner_each(tmp_path
         make_run(tmp_path / f"lm-ffa-{seed}", ["strategy.name=ffa_lora", f"seed={seed}"], quality=0.31, causal=True)
     code, output = run_cli("report", str(tmp_path))
     assert code == 0, output
-    markdown = (tmp_path / "report.md").read_text()
+    markdown = (tmp_path / "report" / "report.md").read_text()
     # Before: one table ranked all four, the causal LM's exact match 0.91 "winning" over accuracy 0.65.
     assert markdown.count("### Held-out set: ") == 2 and markdown.count("1 ★ winner") == 2
     assert "nothing is ranked across them" in markdown
@@ -271,7 +271,7 @@ def test_a_causal_lm_run_and_a_classifier_get_a_table_and_a_winner_each(tmp_path
     assert [v.settings["strategy.name"] for v in causal.variants] == ["ffa_lora", "fedit"]
     assert [row[0] for row in summary_table(comparison, causal).rows] == ["1 ★ winner", "2"]
     assert any("2 different held-out sets" in text for text, warn in notes(comparison) if warn)
-    rows = read_csv(tmp_path / "results.csv")
+    rows = read_csv(tmp_path / "report" / "results.csv")
     assert {row["test_set"] for row in rows} == {classification.label, causal.label}
     assert {row["baseline"] for row in rows if row["test_set"] == causal.label} == {causal.variants[1].label}
     terminal = [line for line in output.splitlines() if "best final accuracy" in line]
@@ -285,18 +285,42 @@ def test_report_folder_writes_into_that_folder_so_sibling_reports_do_not_overwri
     make_run(tmp_path / "first" / "a", ["seed=0"])
     make_run(tmp_path / "second" / "b", ["seed=1"])
     for folder in ("first", "second"):
+        (tmp_path / folder / "config.toml").write_text("# the user's own\n")
         code, output = run_cli("report", str(tmp_path / folder))
-        assert code == 0 and str(tmp_path / folder / "report.html") in output
+        assert code == 0 and str(tmp_path / folder / "report" / "report.html") in output
     # Before: both went to tmp_path/report, the second replacing the first.
     assert not (tmp_path / "report").exists()
-    assert [row["run"] for row in read_csv(tmp_path / "first" / "results.csv")] == ["a"]
-    assert [row["run"] for row in read_csv(tmp_path / "second" / "results.csv")] == ["b"]
+    assert [row["run"] for row in read_csv(tmp_path / "first" / "report" / "results.csv")] == ["a"]
+    assert [row["run"] for row in read_csv(tmp_path / "second" / "report" / "results.csv")] == ["b"]
+    # A folder the user made keeps its own files: the report goes to its report/ folder.
+    assert (tmp_path / "first" / "config.toml").read_text() == "# the user's own\n"
     code, output = run_cli("report", str(tmp_path / "first" / "a"))
     assert code == 0 and (tmp_path / "first" / "a" / "report" / "report.html").exists()
     make_run(tmp_path / "first" / "c", ["seed=2"])
     shutil.rmtree(tmp_path / "first" / "a")
     assert run_cli("report", str(tmp_path / "first"))[0] == 0  # a folder's own report follows what it holds
-    assert [row["run"] for row in read_csv(tmp_path / "first" / "results.csv")] == ["c"]
+    assert [row["run"] for row in read_csv(tmp_path / "first" / "report" / "results.csv")] == ["c"]
+
+
+def test_an_out_holding_files_of_the_reports_names_but_no_report_is_refused(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "runs" / "a", ["seed=0"])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.toml").write_text("# the user's own\n")
+    message = one_line_refusal("report", str(run), "--out", str(mine))
+    assert "config.toml" in message and "--overwrite" in message
+    assert (mine / "config.toml").read_text() == "# the user's own\n" and not (mine / "report.html").exists()
+
+
+def test_a_history_of_one_line_without_its_newline_leaves_the_run_out(tmp_path: Path) -> None:
+    good = make_run(tmp_path / "runs" / "good", ["seed=0"])
+    torn = make_run(tmp_path / "runs" / "torn", ["seed=1"])
+    first = (torn / "history.jsonl").read_text().splitlines()[0]
+    (torn / "history.jsonl").write_text(first)  # one whole JSON line, but no newline: a torn write
+    code, output = run_cli("report", str(good), str(torn))
+    assert code == 0 and "Traceback" not in output
+    markdown = (tmp_path / "runs" / "report" / "report.md").read_text()
+    assert "holds no whole round" in markdown
 
 
 def test_a_report_of_other_runs_is_replaced_only_with_overwrite(tmp_path: Path) -> None:

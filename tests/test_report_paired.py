@@ -53,6 +53,9 @@ def test_the_interval_and_p_value_are_scipys_t_interval_and_ttest_rel() -> None:
     assert p == pytest.approx(stats.ttest_rel(AHEAD, BASELINE).pvalue, abs=1e-12)
     assert t_interval([0.1]) is None  # one pair: no interval
     assert t_interval([0.0, 0.0, 0.0]) == (0.0, 0.0, 0.0, 1.0)  # no spread, no difference (scipy: nan)
+    # Equal differences: no spread to test with; the sign test decides (before: p = 0, "better" from two seeds).
+    assert t_interval([1 / 600, 1 / 600])[3] == 0.5
+    assert t_interval([0.01] * 6)[3] == pytest.approx(stats.binomtest(6, 6).pvalue)
 
 
 def test_the_report_shows_scipys_interval_for_a_variant_ahead_on_every_seed(tmp_path: Path) -> None:
@@ -60,14 +63,14 @@ def test_the_report_shows_scipys_interval_for_a_variant_ahead_on_every_seed(tmp_
     code, output = run_cli("report", str(root))
     assert code == 0, output
     expected_low, expected_high = stats.ttest_rel(AHEAD, BASELINE).confidence_interval(0.95)
-    rows = [row for row in read_csv(root / "results.csv") if row["strategy.name"] == "ffa_lora"]
+    rows = [row for row in read_csv(root / "report" / "results.csv") if row["strategy.name"] == "ffa_lora"]
     assert len(rows) == 5 and {row["baseline"] for row in rows} == {"strategy=fedit"}
     row = rows[0]
     assert float(row["diff_final_accuracy_ci_low"]) == pytest.approx(expected_low, abs=1e-9)
     assert float(row["diff_final_accuracy_ci_high"]) == pytest.approx(expected_high, abs=1e-9)
     assert float(row["diff_final_accuracy_p_holm"]) == pytest.approx(stats.ttest_rel(AHEAD, BASELINE).pvalue, abs=1e-9)
     assert row["diff_final_accuracy_verdict"] == BETTER and row["shared_seeds"] == "5"
-    markdown = (root / "report.md").read_text()
+    markdown = (root / "report" / "report.md").read_text()
     assert f"| +0.0260 | {expected_low:+.4f} to {expected_high:+.4f} |" in markdown
     assert "t-interval on the paired differences" in markdown and "Holm-corrected" in markdown
     assert "Fewer than 3 seeds" not in markdown
@@ -132,14 +135,14 @@ def test_holm_corrects_across_the_variants_of_a_report(tmp_path: Path) -> None:
 def test_under_three_shared_seeds_warns_and_one_is_not_tested(tmp_path: Path) -> None:
     root = make_variants(tmp_path / "two", {"fedit": BASELINE[:2], "ffa_lora": AHEAD[:2]})
     assert run_cli("report", str(root))[0] == 0
-    markdown = (root / "report.md").read_text()
+    markdown = (root / "report" / "report.md").read_text()
     assert "Fewer than 3 seeds shared with the baseline: strategy=ffa_lora (2 shared seeds)" in markdown
     root = make_variants(tmp_path / "one", {"fedit": BASELINE[:1], "ffa_lora": AHEAD[:1]})
     code, output = run_cli("report", str(root))
     assert code == 0 and "(lead not tested: under 2 shared seeds)" in output
-    (row,) = [row for row in read_csv(root / "results.csv") if row["strategy.name"] == "ffa_lora"]
+    (row,) = [row for row in read_csv(root / "report" / "results.csv") if row["strategy.name"] == "ffa_lora"]
     assert row["diff_final_accuracy_verdict"] == "not tested (1 shared seed)" and row["diff_final_accuracy_ci_low"] == ""
-    assert "rests on single runs" in (root / "report.md").read_text()
+    assert "rests on single runs" in (root / "report" / "report.md").read_text()
 
 
 def test_the_accuracy_auc_is_the_trapezoid_over_the_rounds_divided_by_their_span(tmp_path: Path) -> None:
@@ -152,7 +155,7 @@ def test_the_accuracy_auc_is_the_trapezoid_over_the_rounds_divided_by_their_span
 def test_baseline_picks_the_variant_and_a_bad_one_is_refused_in_one_line(tmp_path: Path) -> None:
     root = make_variants(tmp_path, {"fedit": BASELINE, "ffa_lora": AHEAD})
     assert run_cli("report", str(root), "--baseline", "strategy.name=ffa_lora")[0] == 0
-    rows = read_csv(root / "results.csv")
+    rows = read_csv(root / "report" / "results.csv")
     assert {row["baseline"] for row in rows} == {"strategy=ffa_lora"}
     assert {row["diff_final_accuracy_verdict"] for row in rows if row["strategy.name"] == "fedit"} == {WORSE}
     message = one_line_refusal("report", str(root), "--baseline", "federation.lr=0.1", "--overwrite")

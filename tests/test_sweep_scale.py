@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.sweep import load_sweep
+from fedlora.sweep import load_sweep, run_status
 from tests.conftest import one_line_refusal
 from tests.test_run_dirs import tiny_file
 
@@ -54,3 +54,9 @@ def test_what_only_a_start_shows_is_checked_once_per_setting_of_the_other_axes(
     sweep.write_text(sweep.read_text() + '"strategy.name" = ["fedit", "ffa_lora"]\n')
     assert len(load_sweep(sweep).variants) == 6
     assert checked == [("fedit", 0), ("ffa_lora", 0)]
+
+
+def test_a_summary_that_is_not_an_object_is_a_pending_run_not_a_crash(tmp_path: Path) -> None:
+    # Before: run_status called .get on the list and raised AttributeError out of the sweep.
+    (tmp_path / "summary.json").write_text("[1, 2]")
+    assert run_status(tmp_path) == "pending"

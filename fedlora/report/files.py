@@ -16,7 +16,7 @@ from fedlora.report import plots as plotting
 from fedlora.report.data import Comparison, ReportError, compare
 from fedlora.report.pages import render_html, render_markdown
 from fedlora.report.paired import FIGURES, PairedTest, accuracy_auc, baseline_tests
-from fedlora.report.reading import is_run_dir, read_runs
+from fedlora.report.reading import SWEEP_INDEX, read_runs
 from fedlora.report.reproduce import config_toml
 from fedlora.report.tables import BASE_CONFIG_FILE, client_seconds, fpr, server_seconds, tpr
 from fedlora.results import RUN_REPORT_DIR
@@ -24,6 +24,7 @@ from fedlora.results import RUN_REPORT_DIR
 HTML_FILE = "report.html"
 MARKDOWN_FILE = "report.md"
 CSV_FILE = "results.csv"
+REPORT_FILES = (HTML_FILE, MARKDOWN_FILE, CSV_FILE, BASE_CONFIG_FILE)
 
 
 @dataclass
@@ -39,11 +40,13 @@ class ReportFiles:
 
 
 def default_out(paths: list[Path]) -> Path:
-    """Where a report of `paths` goes: into a sweep directory or a folder of runs itself, into a run
-    directory's report/ folder, and for several paths into report/ in the folder they share."""
+    """Where a report of `paths` goes: into a sweep directory itself (fedlora made it, and `compare`
+    wrote its report there), into report/ of a run directory or of any other folder of runs (the
+    user's own folder: nothing of theirs is replaced), and for several paths into report/ in the
+    folder they share."""
     paths = [Path(p) for p in paths]
     if len(paths) == 1:
-        return paths[0] / RUN_REPORT_DIR if is_run_dir(paths[0]) else paths[0]
+        return paths[0] if (paths[0] / SWEEP_INDEX).is_file() else paths[0] / RUN_REPORT_DIR
     return Path(os.path.commonpath([p.resolve() for p in paths])) / RUN_REPORT_DIR
 
 
@@ -59,7 +62,7 @@ def write_report(
     runs, excluded = read_runs(paths)
     comparison = compare(runs, excluded, baseline)
     out = Path(out)
-    _check_out(out, comparison, overwrite or _is_one_of(out, paths))
+    _check_out(out, comparison, overwrite or _is_own_report(out, paths))
     plots = plotting.make_plots(comparison)
     base_toml = config_toml(comparison.base_config)
     files: dict[str, bytes] = {f"{key}.png": data for key, data in plots.items()}
@@ -76,9 +79,10 @@ def write_report(
     )
 
 
-def _is_one_of(out: Path, paths: list[Path]) -> bool:
-    """Whether the report goes into one of the folders it reports (its own report, whatever ran since)."""
-    return any(out.resolve() == Path(path).resolve() for path in paths)
+def _is_own_report(out: Path, paths: list[Path]) -> bool:
+    """Whether `out` is one folder's own report (re-rendered with whatever ran since); the report/
+    folder several paths share may hold another selection's report, so it is not."""
+    return len(paths) == 1 and out.resolve() == default_out(paths).resolve()
 
 
 def _check_out(out: Path, comparison: Comparison, overwrite: bool) -> None:
@@ -86,13 +90,21 @@ def _check_out(out: Path, comparison: Comparison, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out}: is a file, not a directory; give --out a directory for the report")
     previous = out / CSV_FILE
-    if overwrite or not previous.is_file():
+    if overwrite:
+        return
+    if not previous.is_file():
+        foreign = sorted(name for name in REPORT_FILES if (out / name).exists())
+        if foreign:  # files of ours by name, but no report made them: the user's own
+            raise ReportError(
+                f"{out}: already holds {', '.join(foreign)} but no report; give --out another directory, "
+                "or --overwrite to replace them"
+            )
         return
     ours = {str(run.run_dir.resolve()) for run in comparison.runs} | {str(e.path.resolve()) for e in comparison.excluded}
     try:
         with previous.open(newline="") as handle:
             theirs = {str(Path(row["run_dir"]).resolve()) for row in csv.DictReader(handle)}
-    except (KeyError, UnicodeDecodeError, csv.Error):
+    except (KeyError, TypeError, UnicodeDecodeError, csv.Error, OSError):  # a damaged or unreadable results.csv
         theirs = {"?"}
     if not theirs <= ours:
         raise ReportError(

@@ -98,15 +98,17 @@ class PairedTest:
 def t_interval(differences: Sequence[float]) -> tuple[float, float, float, float] | None:
     """Mean, 95% t-interval and two-sided p-value of paired differences; None under two of them.
 
-    Equal differences have no spread: the interval is the point itself and p is 1 where they are
-    all zero, 0 otherwise (the limit of the t-test; scipy returns nan there)."""
+    Equal differences have no spread, where the t-test is undefined (scipy returns nan): the
+    interval is the point itself, and p is 1 where they are all zero, otherwise the exact
+    two-sided sign test's 2 * 0.5^n (all n of one sign), which needs no spread: two equal
+    differences never make a significant lead (p = 0.5), six do (p = 0.03)."""
     n = len(differences)
     if n < 2:
         return None
     mean = statistics.fmean(differences)
     error = statistics.stdev(differences) / math.sqrt(n)
     if error == 0:
-        return mean, mean, mean, 1.0 if mean == 0 else 0.0
+        return mean, mean, mean, 1.0 if mean == 0 else min(1.0, 2 * 0.5**n)
     half = stats.t.ppf(1 - ALPHA / 2, n - 1) * error
     p = 2 * stats.t.sf(abs(mean / error), n - 1)
     return mean, mean - half, mean + half, float(p)

@@ -276,6 +276,8 @@ def records_disagree(run: RunResult) -> str | None:
     """How a run's history.jsonl and summary.json disagree (a lost or repeated round, other final
     figures), or None where they agree."""
     rounds = [r["round"] for r in run.history]
+    if not rounds:  # e.g. one line without its newline: torn, so dropped as results.read_history drops it
+        return f"{HISTORY} holds no whole round"
     if rounds[0] != 0:
         return f"{HISTORY} starts at round {rounds[0]}, not 0 (lines lost)"
     for before, after in zip(rounds, rounds[1:]):
