@@ -360,7 +360,7 @@ def test_a_secured_deployment_runs_two_rounds_and_writes_the_run_directory(deplo
 def test_a_federation_the_server_refuses_to_start_fails_the_operators_command(deployment: Deployment) -> None:
     output = deployment.colliding_output
     assert deployment.colliding_exit == 1, output
-    assert "finished:failed" in output and "two nodes claim the same client id" in output, output
+    assert "finished:failed" in output and "is claimed by nodes" in output, output
 
 
 @pytest.mark.deploy
