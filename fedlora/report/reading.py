@@ -165,13 +165,17 @@ def read_text(path: Path) -> str:
 
 def read_object(path: Path) -> dict[str, Any]:
     """A JSON file that must hold an object."""
-    text = read_text(path)
+    return _json_object(read_text(path), str(path))
+
+
+def _json_object(text: str, where: str) -> dict[str, Any]:
+    """`text` parsed as a JSON object; a ReportError naming `where` (a file, or a file's line) otherwise."""
     try:
         value = json.loads(text)
     except ValueError as err:
-        raise ReportError(f"{path}: not valid JSON ({err}){DAMAGED}") from None
+        raise ReportError(f"{where}: not valid JSON ({err}){DAMAGED}") from None
     if not isinstance(value, dict):
-        raise ReportError(f"{path}: holds a JSON {_json_type(value)}, not an object{DAMAGED}")
+        raise ReportError(f"{where}: holds a JSON {_json_type(value)}, not an object{DAMAGED}")
     return value
 
 
@@ -204,12 +208,7 @@ def read_history(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         where = f"{path} line {number}"
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            raise ReportError(f"{where}: not valid JSON ({err}){DAMAGED}") from None
-        if not isinstance(record, dict):
-            raise ReportError(f"{where}: holds a JSON {_json_type(record)}, not an object{DAMAGED}")
+        record = _json_object(line, where)
         _check_record(where, record)
         history.append(record)
     return history
