@@ -260,8 +260,10 @@ def test_report_html_renders_in_headless_chromium_with_plots_and_filled_tables(t
     assert dumped.returncode == 0 and "<table" in dumped.stdout, dumped.stderr[-2000:]
     dom = _DomReader()
     dom.feed(dumped.stdout)
-    summary, runs = dom.tables[0], dom.tables[1]
+    # The ranking, the paired differences against the baseline, every run, then provenance tables.
+    summary, paired, runs = dom.tables[:3]
     assert summary[0][:3] == ["rank", "strategy.name", "seeds"] and len(summary) == 3
+    assert paired[0][:2] == ["variant", "baseline"] and len(paired) == 2
     assert len(runs) == 5
     for table in (summary, runs):
         column = table[0].index("final accuracy")
