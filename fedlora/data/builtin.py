@@ -29,6 +29,8 @@ Knobs (`BuiltinCorpusConfig`; the defaults are the benchmark):
   vary the length.
 - num_classes (8): how many of CLASS_NAMES, in order (2 to 10).
 - held_out_templates (True): test frames disjoint from train frames.
+- held_out_words (True): test class words disjoint from train class words. False gives a task a
+  model from random weights can learn (the from-scratch tier, simulations/zprobe_paper.toml).
 
 Raising distractor_rate, negation_rate or max_fillers, adding classes or holding out frames
 makes it harder; label_noise mostly slows training down.
@@ -736,6 +738,7 @@ class BuiltinCorpusConfig:
     max_fillers: int = 2  # most class-free clauses one text can carry (0 to this many, uniform)
     num_classes: int = 8  # how many of CLASS_NAMES to use, in order
     held_out_templates: bool = True  # test sentences use frames never seen in training
+    held_out_words: bool = True  # test class words never seen in training
 
     def __post_init__(self) -> None:
         if self.num_train < 1 or self.num_test < 1:
@@ -780,11 +783,20 @@ def generate_corpus(seed: int, config: BuiltinCorpusConfig = BuiltinCorpusConfig
     """Generate the corpus for `seed`: same seed and config, same corpus."""
     class_names = list(CLASS_NAMES[: config.num_classes])
     frames = "test" if config.held_out_templates else "train"
+    words = "test" if config.held_out_words else "train"
     train = _generate_split(_rng(seed, "train"), "train", "train", class_names, config.num_train, config)
-    test = _generate_split(_rng(seed, "test"), "test", frames, class_names, config.num_test, config)
+    test = _generate_split(_rng(seed, "test"), words, frames, class_names, config.num_test, config)
     # A stream of its own, so the noise rate changes labels only, never texts.
     noisy = _add_label_noise(_rng(seed, "noise"), train.labels, len(class_names), config.label_noise)
     return BuiltinCorpus(class_names, TextExamples(train.texts, noisy), test)
+
+
+def public_split(seed: int, count: int) -> TextExamples:
+    """A labelled split that stands for public data (the pretraining of fedlora/pretrain.py): the
+    train class words and frames, all CLASS_NAMES[:8], clean labels, no negations or side remarks.
+    Its own random stream: its texts are drawn independently of every train and test split."""
+    plain = BuiltinCorpusConfig(num_train=count, label_noise=0.0, distractor_rate=0.0, negation_rate=0.0)
+    return _generate_split(_rng(seed, "public"), "train", "train", list(CLASS_NAMES[:8]), count, plain)
 
 
 def _rng(seed: int, stream: str) -> random.Random:

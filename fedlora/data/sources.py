@@ -56,7 +56,7 @@ class LabelledData:
 def load_data(config: DataConfig, seed: int) -> LabelledData:
     """Load and check the configured source; the test split is capped at `max_test_examples`."""
     if config.source == BUILTIN_SOURCE:
-        corpus = generate_corpus(seed, BuiltinCorpusConfig(num_train=config.num_train, num_test=config.num_test))
+        corpus = generate_corpus(seed, BuiltinCorpusConfig(config.num_train, config.num_test, **config.corpus.model_dump()))
         data = LabelledData(corpus.class_names, corpus.train, corpus.test)
     else:
         train, test = _hub_tables(config) if config.hf_dataset_id else _local_tables(config)
