@@ -206,8 +206,10 @@ class CorpusConfig(_Section):
     negation_rate: float = Field(0.3, ge=0, le=1, description="share of texts that name another topic and rule it out")
     held_out_templates: bool = Field(True, description="test sentences use wordings never seen in training")
     held_out_words: bool = Field(
-        True, description="test topic words never seen in training (only a pretrained model links them); false for from-scratch bases"
+        True,
+        description="test topic words never seen in training (only a pretrained model links them); false for from-scratch bases",
     )
+
 
 HF_PREFIX = "hf:"
 # A hub data set id: NAME or OWNER/NAME (letters, digits, "-", "_", ".").

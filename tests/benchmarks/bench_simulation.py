@@ -1,7 +1,8 @@
 """One federation through Flower's simulation engine (Ray) against the same rounds in a plain loop.
 
-The tiny experiment of the tests (tests.conftest.tiny_config), with --clients clients that all
-train in each of --rounds rounds, runs twice, each in a fresh process:
+The tiny experiment of the tests (tests.conftest.tiny_config), or a config file (--config, e.g.
+simulations/from_scratch.toml: the from-scratch tier), with --clients clients that all train in
+each of --rounds rounds, runs twice, each in a fresh process:
 
 - flower: `fedlora.simulation.simulate`, i.e. run_simulation with the ServerApp and ClientApp
   on the Ray backend (client actors of `federation.client_cpus` CPUs each);
@@ -15,7 +16,7 @@ actors for flower; data and model for both), the first round (flower's client ac
 their model there), the later rounds, and the whole wall time; and the final test accuracy
 and loss, which agree when both train the same (same seeds; here they agree to the bit).
 
-    python -m tests.benchmarks.bench_simulation [--clients 4] [--rounds 3] [--strategy fedit]
+    python -m tests.benchmarks.bench_simulation [--clients 4] [--rounds 3] [--strategy fedit] [--config FILE]
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ ENGINES = ("flower", "loop")
 RESULT = "bench-simulation-result "  # marks the JSON line among whatever Ray prints
 
 
-def experiment(clients: int, rounds: int, strategy: str, local_steps: int | None):
-    """The tiny test experiment, every client training in every round."""
+def experiment(clients: int, rounds: int, strategy: str, local_steps: int | None, config_path: str | None = None):
+    """The tiny test experiment (or the config file's), every client training in every round."""
+    from fedlora.config import load_config
     from tests.conftest import tiny_config
 
     overrides = [
@@ -50,7 +52,7 @@ def experiment(clients: int, rounds: int, strategy: str, local_steps: int | None
     ]
     if local_steps is not None:
         overrides.append(f"federation.local_steps={local_steps}")
-    return tiny_config(*overrides)
+    return load_config(config_path, overrides) if config_path else tiny_config(*overrides)
 
 
 def run_flower(config, run_dir: Path) -> dict[str, Any]:
@@ -141,19 +143,23 @@ def _figures(started: float, marks: list[float], ended: float, evaluations: list
     }
 
 
-def measure_one(engine: str, clients: int, rounds: int, strategy: str, local_steps: int | None) -> dict[str, Any]:
+def measure_one(
+    engine: str, clients: int, rounds: int, strategy: str, local_steps: int | None, config_path: str | None = None
+) -> dict[str, Any]:
     """Run one engine in this process and return its figures."""
-    config = experiment(clients, rounds, strategy, local_steps)
+    config = experiment(clients, rounds, strategy, local_steps, config_path)
     with tempfile.TemporaryDirectory() as tmp:
         run = run_flower if engine == "flower" else run_loop
         return run(config, Path(tmp) / engine)
 
 
-def main(clients: int = 4, rounds: int = 3, strategy: str = "fedit", local_steps: int | None = None) -> dict[str, dict[str, Any]]:
+def main(
+    clients: int = 4, rounds: int = 3, strategy: str = "fedit", local_steps: int | None = None, config_path: str | None = None
+) -> dict[str, dict[str, Any]]:
     """Run both engines, each in a fresh process; print and return their figures and ratios."""
-    config = experiment(clients, rounds, strategy, local_steps)
+    config = experiment(clients, rounds, strategy, local_steps, config_path)
     print(
-        f"simulation: tiny BERT, {clients} clients x {rounds} rounds, {config.federation.local_steps} local steps of "
+        f"simulation: {config_path or 'the tiny BERT of the tests'}, {clients} clients x {rounds} rounds, {config.federation.local_steps} local steps of "
         f"batch {config.federation.batch_size}, {strategy}; Flower's Ray engine vs a plain loop (each in a fresh process)"
     )
     # Every torch in both runs (Flower's server and client actors, the loop) gets the threads
@@ -182,6 +188,8 @@ def main(clients: int = 4, rounds: int = 3, strategy: str = "fedit", local_steps
         ]
         if local_steps is not None:
             command += ["--local-steps", str(local_steps)]
+        if config_path:
+            command += ["--config", config_path]
         started = time.perf_counter()
         out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
         process_s = time.perf_counter() - started
@@ -219,9 +227,10 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--strategy", default="fedit")
     parser.add_argument("--local-steps", type=int, default=None, help="default: the tiny config's")
+    parser.add_argument("--config", default=None, help="a config file instead of the tests' tiny experiment")
     parser.add_argument("--one", choices=ENGINES, help="run only this engine and print JSON (internal)")
     args = parser.parse_args()
     if args.one:
-        print(RESULT + json.dumps(measure_one(args.one, args.clients, args.rounds, args.strategy, args.local_steps)))
+        print(RESULT + json.dumps(measure_one(args.one, args.clients, args.rounds, args.strategy, args.local_steps, args.config)))
     else:
-        main(args.clients, args.rounds, args.strategy, args.local_steps)
+        main(args.clients, args.rounds, args.strategy, args.local_steps, args.config)
