@@ -68,6 +68,13 @@ class TinyModelConfig(_Section):
         "labelled split of the built-in corpus (fedlora/pretrain.py), once per seed and cached on disk; its head is dropped",
     )
     pretrain_examples: int = Field(4000, ge=64, le=MAX_EXAMPLES, description="size of that public split")
+    pretrain_topics: int = Field(
+        8,
+        ge=2,
+        le=8,
+        description="the topics the public split covers: the first this many of the corpus' 8; fewer leaves the others "
+        "for the federation to teach",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> TinyModelConfig:

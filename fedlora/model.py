@@ -37,7 +37,7 @@ from transformers.utils import logging as hf_logging
 
 from fedlora.config import ConfigError, ModelConfig
 from fedlora.data.encode import EncodedExamples
-from fedlora.pretrain import pretrained_encoder
+from fedlora.pretrain import PretrainPlan, pretrained_encoder
 
 # peft calls a transformers method that transformers 5 marks as deprecated; nothing to act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -143,9 +143,8 @@ def _tiny_model(config: ModelConfig, num_labels: int, seed: int) -> BertForSeque
     if config.tiny.pretrain_steps:  # the encoder learned elsewhere; the head stays as the seed made it
         tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
         tiny = config.tiny
-        model.bert.load_state_dict(
-            pretrained_encoder(model.config, tokenizer, tiny.pretrain_steps, tiny.pretrain_examples, config.max_length, seed)
-        )
+        plan = PretrainPlan(tiny.pretrain_steps, tiny.pretrain_examples, tiny.pretrain_topics)
+        model.bert.load_state_dict(pretrained_encoder(model.config, tokenizer, plan, config.max_length, seed))
     return model
 
 

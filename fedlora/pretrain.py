@@ -25,6 +25,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
 
@@ -34,7 +35,6 @@ from transformers import BertConfig, BertForSequenceClassification, PreTrainedTo
 
 from fedlora.data.builtin import public_split
 
-PUBLIC_CLASSES = 8  # the public split's topics (CLASS_NAMES[:8]); the task may use others
 LEARNING_RATE = 1e-3  # Adam: measured to train the tiny base to about 0.97 in 100-150 steps
 BATCH_SIZE = 64
 # Bump when the pretraining recipe changes, so that old cached weights are never reused.
@@ -42,14 +42,24 @@ RECIPE_VERSION = 1
 CACHE_VARIABLE = "FEDLORA_CACHE"
 
 
+@dataclass(frozen=True)
+class PretrainPlan:
+    """How long, on how much public data and on how many of its topics (`[model.tiny]`)."""
+
+    steps: int
+    examples: int
+    topics: int
+
+
 def pretrained_encoder(
-    architecture: BertConfig, tokenizer: PreTrainedTokenizerBase, steps: int, examples: int, max_length: int, seed: int
+    architecture: BertConfig, tokenizer: PreTrainedTokenizerBase, plan: PretrainPlan, max_length: int, seed: int
 ) -> dict[str, torch.Tensor]:
-    """The encoder weights (`bert.*`, no head) of the tiny base pretrained for `steps` steps."""
+    """The encoder weights (`bert.*`, no head) of the tiny base pretrained as `plan` says."""
     recipe = {
         "architecture": {k: v for k, v in architecture.to_dict().items() if k not in ("num_labels", "id2label", "label2id")},
-        "steps": steps,
-        "examples": examples,
+        "steps": plan.steps,
+        "examples": plan.examples,
+        "topics": plan.topics,
         "max_length": max_length,
         "seed": seed,
         "version": RECIPE_VERSION,
@@ -58,7 +68,7 @@ def pretrained_encoder(
     path = cache_dir() / f"tiny-base-{key}.pt"
     with _locked(path.with_suffix(".lock")):
         if not path.exists():
-            encoder = _pretrain(architecture, tokenizer, steps, examples, max_length, seed)
+            encoder = _pretrain(architecture, tokenizer, plan, max_length, seed)
             partial = path.with_suffix(f".{os.getpid()}.partial")
             torch.save(encoder, partial)
             partial.replace(path)  # atomic: a reader never sees half a file
@@ -83,17 +93,25 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _pretrain(
-    architecture: BertConfig, tokenizer: PreTrainedTokenizerBase, steps: int, examples: int, max_length: int, seed: int
+    architecture: BertConfig, tokenizer: PreTrainedTokenizerBase, plan: PretrainPlan, max_length: int, seed: int
 ) -> dict[str, torch.Tensor]:
-    public = public_split(seed, examples)
+    steps, examples = plan.steps, plan.examples
+    public = public_split(seed, examples, plan.topics)
     encoded = tokenizer(public.texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
     labels = torch.tensor(public.labels)
     started = time.monotonic()
-    log(INFO, "pretraining the tiny base (seed %d): %d steps on %d public examples, cached for later runs", seed, steps, examples)
+    log(
+        INFO,
+        "pretraining the tiny base (seed %d): %d steps on %d public examples of %d topics, cached for later runs",
+        seed,
+        steps,
+        examples,
+        plan.topics,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         public_architecture = copy.deepcopy(architecture)
-        public_architecture.num_labels = PUBLIC_CLASSES
+        public_architecture.num_labels = plan.topics
         model = BertForSequenceClassification(public_architecture)
         optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
         for step in range(1, steps + 1):

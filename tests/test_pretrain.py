@@ -102,3 +102,11 @@ def test_corpus_knobs_with_another_source_are_refused_by_name(tmp_path: Path) ->
     table.write_text("text,label\na,x\nb,y\n")
     with pytest.raises(ConfigError, match=r"\[data.corpus\].*data.source"):
         config_from_dict({"data": {"source": str(table), "corpus": {"negation_rate": 0.0}}})
+
+
+def test_a_base_pretrained_on_fewer_topics_is_another_base_and_its_public_split_holds_only_those(cache: Path) -> None:
+    assert sorted(set(public_split(0, 200, num_classes=4).labels)) == [0, 1, 2, 3]
+    all_topics = build_base_model(tiny_config(*SMALL).model, 8, seed=3)
+    four_topics = build_base_model(tiny_config(*SMALL, "model.tiny.pretrain_topics=4").model, 8, seed=3)
+    assert len(list(cache.glob("tiny-base-*.pt"))) == 2
+    assert not torch.equal(all_topics.bert.pooler.dense.weight, four_topics.bert.pooler.dense.weight)

@@ -791,12 +791,12 @@ def generate_corpus(seed: int, config: BuiltinCorpusConfig = BuiltinCorpusConfig
     return BuiltinCorpus(class_names, TextExamples(train.texts, noisy), test)
 
 
-def public_split(seed: int, count: int) -> TextExamples:
+def public_split(seed: int, count: int, num_classes: int = 8) -> TextExamples:
     """A labelled split that stands for public data (the pretraining of fedlora/pretrain.py): the
-    train class words and frames, all CLASS_NAMES[:8], clean labels, no negations or side remarks.
-    Its own random stream: its texts are drawn independently of every train and test split."""
+    train class words and frames, CLASS_NAMES[:num_classes], clean labels, no negations or side
+    remarks. Its own random stream: its texts are drawn independently of every train and test split."""
     plain = BuiltinCorpusConfig(num_train=count, label_noise=0.0, distractor_rate=0.0, negation_rate=0.0)
-    return _generate_split(_rng(seed, "public"), "train", "train", list(CLASS_NAMES[:8]), count, plain)
+    return _generate_split(_rng(seed, "public"), "train", "train", list(CLASS_NAMES[:num_classes]), count, plain)
 
 
 def _rng(seed: int, stream: str) -> random.Random:
