@@ -293,7 +293,9 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _corpus_needs_builtin(self) -> DataConfig:
-        if "corpus" in self.model_fields_set and self.source != BUILTIN_SOURCE:
+        # Compared with the defaults, not by whether the key was given: a dumped and re-read
+        # section names every key.
+        if self.corpus != CorpusConfig() and self.source != BUILTIN_SOURCE:
             raise ValueError(f"[data.corpus] sets the built-in corpus, but data.source is {self.source!r}; remove it")
         return self
 

@@ -110,3 +110,10 @@ def test_a_base_pretrained_on_fewer_topics_is_another_base_and_its_public_split_
     four_topics = build_base_model(tiny_config(*SMALL, "model.tiny.pretrain_topics=4").model, 8, seed=3)
     assert len(list(cache.glob("tiny-base-*.pt"))) == 2
     assert not torch.equal(all_topics.bert.pooler.dense.weight, four_topics.bert.pooler.dense.weight)
+
+
+def test_a_section_of_another_source_read_back_from_its_dump_is_accepted(tmp_path: Path) -> None:
+    table = tmp_path / "d.csv"
+    table.write_text("text,label\na,x\nb,y\n")
+    data = config_from_dict({"data": {"source": str(table)}}).data
+    assert type(data).model_validate_json(data.model_dump_json()) == data  # as workspace caches re-read it
