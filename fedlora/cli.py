@@ -17,6 +17,7 @@ from typer.utils import get_params_from_function
 
 from fedlora.config import ConfigError, ExperimentConfig, config_from_dict, load_config, read_config_file
 from fedlora.interrupt import EXIT_CODE, RunInterrupted, stop_on_signals
+from fedlora.metadata import runs_from
 from fedlora.report import ReportError, ReportFiles, counted, default_out, headline, write_report
 from fedlora.results import RUN_REPORT_DIR, RoundRecord, default_run_dir, finished_summary, package_versions, resumable_config
 
@@ -179,7 +180,8 @@ def simulate(
             check_resumable(config, run_dir)
         else:
             claim_run_dir(run_dir, overwrite)
-        summary = run_with_progress(config, run_dir, resume=resume is not None)
+        with runs_from(config_path):  # its git commit goes into summary.json
+            summary = run_with_progress(config, run_dir, resume=resume is not None)
         console.print(
             f"\n[bold]final accuracy {summary['final_accuracy']:.4f}[/bold] "
             f"(round 0: {summary['initial_accuracy']:.4f}) in {summary['wall_seconds']:.0f} s"
@@ -251,7 +253,8 @@ def _duration(seconds: float) -> str:
 
 
 def _round_line(record: RoundRecord, eta: float | None = None) -> str:
-    """One line per round: accuracy, loss, uplink, time, privacy spent, what the defence dropped, ETA."""
+    """One line per round: accuracy, loss, uplink, time, privacy spent, what the defence dropped, ETA,
+    and who was retired and why."""
     line = f"round {record.round:>3}  accuracy {record.accuracy:.4f}  loss {record.loss:.4f}"
     if record.round:
         line += f"  up {record.bytes_up / 1e6:.2f} MB  {record.seconds:.1f} s"
@@ -270,6 +273,9 @@ def _round_line(record: RoundRecord, eta: float | None = None) -> str:
         line += "  (skipped)"
     if eta is not None:
         line += f"  ETA {_duration(eta)}"
+    retired = record.extra.get("retired") or {}
+    if retired:  # last: the reasons are long, and the figures before them keep their place
+        line += "  retired " + ", ".join(f"client {client} ({why})" for client, why in retired.items())
     return line
 
 
@@ -301,7 +307,7 @@ def compare(
 
     sweep = load_sweep(config_path, overrides)
     out_dir = out or sweep.default_out()
-    with stop_on_signals(lambda note: console.print(note, highlight=False)) as stop:
+    with stop_on_signals(lambda note: console.print(note, highlight=False)) as stop, runs_from(config_path):
         outcomes = run_sweep(sweep, out_dir, console, stop)
     files = write_report([out_dir], out_dir, f"fedlora compare: {config_path.stem}", baseline)  # its sweep.json lists the runs
     _print_report(files)

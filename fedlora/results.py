@@ -2,7 +2,10 @@
 
 <run_dir>/config.json       the resolved ExperimentConfig
 <run_dir>/history.jsonl     one JSON line per round (round 0: the initial model)
-<run_dir>/summary.json      final figures, per-client records, package versions
+<run_dir>/summary.json      final figures, per-client records, package versions, where the run
+                            came from (fedlora/metadata.py)
+<run_dir>/metadata.json     where the run came from: config file and its git commit, command,
+                            start (and resume) times, host, data fingerprint
 <run_dir>/adapter/          the final adapter in peft's format
 <run_dir>/checkpoint.pt     the last finished round: global factors, privacy ledgers,
                             elapsed time (a resumed run continues from it)
@@ -23,6 +26,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from fedlora.config import ConfigError, ExperimentConfig, config_from_json
+from fedlora.metadata import read_metadata
 from fedlora.rundir import write_atomic
 
 HISTORY = "history.jsonl"
@@ -41,7 +45,8 @@ class RoundRecord:
     For a causal LM (model.task = "causal_lm") `accuracy` is the exact match of greedy
     generations on the held-out split (its first data.exact_match_examples examples), `loss` the
     held-out token loss on the response tokens, and `perplexity` exp(loss); for classification
-    `perplexity` is None.
+    `perplexity` is None. `extra["retired"]`, where present: the clients no longer sampled from this
+    round on (a spent privacy budget, or a refusal in the round before) and why.
     """
 
     round: int
@@ -128,7 +133,7 @@ class RunRecorder:
             os.fsync(handle.fileno())
 
     def finish(self, wall_seconds: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Write summary.json and return it."""
+        """Write summary.json (with metadata.json's record of where the run came from) and return it."""
         final = self.rounds[-1]
         bytes_up, bytes_down = sum(r.bytes_up for r in self.rounds), sum(r.bytes_down for r in self.rounds)
         causal = {} if final.perplexity is None else {"final_perplexity": final.perplexity}
@@ -144,8 +149,9 @@ class RunRecorder:
             "bytes_down": bytes_down,
             "communication_mb": communication_mb(bytes_up + bytes_down),
             "wall_seconds": wall_seconds,
-            "adapter": str(self.adapter_dir),
+            "adapter": str(self.adapter_dir.resolve()),
             "versions": package_versions(),
+            **read_metadata(self.run_dir),
             **(extra or {}),
         }
         write_atomic(self.run_dir / SUMMARY, json.dumps(summary, indent=2))  # last: it marks the run finished

@@ -24,8 +24,17 @@ from typing import IO
 from fedlora.config import ConfigError
 
 LOCK = ".lock"
-# What a run writes into its directory (fedlora/results.py, checkpoint.py, the report, trackers).
-RUN_FILES = ("config.json", "history.jsonl", "summary.json", "checkpoint.pt", "checkpoint.partial", "error.txt")
+# What a run writes into its directory (fedlora/results.py, checkpoint.py, metadata.py, the report,
+# trackers); the first four mark a directory that holds a run.
+RUN_FILES = (
+    "config.json",
+    "history.jsonl",
+    "summary.json",
+    "checkpoint.pt",
+    "checkpoint.partial",
+    "error.txt",
+    "metadata.json",
+)
 RUN_FOLDERS = ("adapter", "adapter.partial", "report", "tensorboard", "mlruns", "wandb")
 
 # Locks this process holds, by resolved path: the CLI takes a run's lock before its checks and

@@ -33,6 +33,7 @@ from fedlora.config import ConfigError, ExperimentConfig, FederationConfig, expe
 from fedlora.export import RunFigures
 from fedlora.interrupt import RunInterrupted
 from fedlora.lora import LoraState
+from fedlora.metadata import data_fingerprint, record_start
 from fedlora.results import RUN_REPORT_DIR, RoundRecord, RunRecorder
 from fedlora.roster import Roster, client_id_problem, declared_count_problem
 from fedlora.rundir import RunLock, claim_run_dir
@@ -302,6 +303,7 @@ class Federation:
         self.stopped: str | None = None  # why the run ended before its last round
         self.trackers = Trackers(config.output.trackers)  # a missing package is refused before anything is written
         self.recorder = RunRecorder(run_dir, config, resume_after=checkpoint.round if checkpoint else None)
+        record_start(run_dir, data_fingerprint(task), resume)
         self.trackers.start(config, run_dir, resume=checkpoint is not None)
         if checkpoint is None:
             self.first_round, self.elapsed_before = 1, 0.0
@@ -314,6 +316,7 @@ class Federation:
             self.strategy.retired.update(checkpoint.retired)
             log(INFO, "resuming %s after round %d", run_dir, checkpoint.round)
         self.resumed = checkpoint is not None
+        self.newly_retired: dict[int, str] = {}  # since the last round was sampled: the next round's record lists them
         if self.accounts is not None:
             self.strategy.reply_checks.append(self.accounts.check_reply)
             if checkpoint is not None and checkpoint.in_flight:
@@ -343,7 +346,7 @@ class Federation:
             {
                 "strategy": self.config.strategy.name,
                 "num_clients": len(self.clients),
-                "run_dir": str(self.run_dir),
+                "run_dir": str(self.run_dir.resolve()),
                 "weights": {str(c): w for c, w in sorted(self.strategy.weights.items())},
                 "excluded_nodes": {str(n): reason for n, reason in self.roster.excluded.items()},
                 "privacy": self.accounts.summary() if self.accounts else None,
@@ -370,7 +373,7 @@ class Federation:
     def can_continue(self, server_round: int) -> bool:
         """Retire clients whose budget is spent; False (and why) once too few are left to train."""
         if self.accounts is not None:
-            self.strategy.retired.update({c: r for c, r in self.accounts.spent().items() if c not in self.strategy.retired})
+            self.retire(self.accounts.spent())
         eligible = len(self.strategy.eligible_clients())
         if eligible >= max(1, self.config.federation.min_replies):
             return True
@@ -378,9 +381,19 @@ class Federation:
         log(WARNING, "stopping before round %d: %s", server_round, self.stopped)
         return False
 
+    def retire(self, reasons: dict[int, str]) -> None:
+        """Stop sampling these clients (one retired already keeps its reason); the record of the next
+        round, the first they are not sampled for, lists them."""
+        new = {client: why for client, why in reasons.items() if client not in self.strategy.retired}
+        for client, why in sorted(new.items()):
+            log(INFO, "client %d retired: %s", client, why)
+        self.strategy.retired.update(new)
+        self.newly_retired.update(new)
+
     def train_round(self, server_round: int) -> RoundRecord:
         """Send, (simulate the adversary,) aggregate, evaluate: the round's history line."""
         round_started = time.perf_counter()
+        retired, self.newly_retired = self.newly_retired, {}  # no longer sampled from this round on
         strategy, adversary = self.strategy, self.adversary
         messages = list(strategy.configure_train(server_round, self.state.to_array_record(), self.base_config, self.grid))
         if self.accounts is not None:
@@ -399,13 +412,15 @@ class Federation:
         eval_started = time.perf_counter()
         scores = self.evaluate()
         log_ = strategy.last_round  # what the strategy saw this round
-        for refusal in log_.refused:  # a client that refuses will refuse again: stop asking it
-            strategy.retired.setdefault(int(refusal["client"]), f"refused: {refusal['reason']}")
+        # A client that refuses will refuse again: stop asking it.
+        self.retire({int(refusal["client"]): f"refused: {refusal['reason']}" for refusal in log_.refused})
         epsilon_max, epsilon_mean = self.accounts.epsilon_max_mean() if self.accounts else (None, None)
         extra = dict(log_.extra, dropped=log_.dropped) if log_.dropped else dict(log_.extra)
         personal = strategy.personalized_states()
         if personal:
             extra["personalized"] = self.evaluate_personalized(personal)
+        if retired:
+            extra["retired"] = {str(client): why for client, why in sorted(retired.items())}
         if adversary.malicious:
             flags = strategy.defence is not None and strategy.defence.drops_clients
             extra.update(detection_record(adversary, log_.accepted + log_.dropped, log_.dropped if flags else None))

@@ -18,9 +18,12 @@ from flwr.simulation import run_simulation
 from clients.app import build_client_app
 from fedlora import workspace
 from fedlora.accounting import plan_clients
-from fedlora.causal import check_causal_resources
-from fedlora.config import ConfigError, ExperimentConfig, FederationConfig
+from fedlora.causal import TINY_CAUSAL, check_causal_resources
+from fedlora.config import ConfigError, ExperimentConfig, FederationConfig, ModelConfig
+from fedlora.data import hub
+from fedlora.data.files import root_cause
 from fedlora.interrupt import StopRequest
+from fedlora.model import BUILTIN_MODEL, TINY_MODEL, model_source
 from fedlora.node import server_device
 from fedlora.results import SUMMARY, read_summary
 from fedlora.rundir import LOCK, RUN_FILES, RUN_FOLDERS, RunLock, claim_run_dir
@@ -216,8 +219,8 @@ def ray_init_args(config: ExperimentConfig) -> dict[str, Any]:
 def check_runnable(config: ExperimentConfig) -> None:
     """Refuse, before anything starts, what the config alone cannot show: unknown strategy or
     defence names, too few clients a round for the defence, a tracker whose package is missing,
-    resources this machine lacks, the data (read and checked in full), a privacy budget no noise
-    can meet."""
+    resources this machine lacks, a model that cannot be had, the data (read and checked in full),
+    a privacy budget no noise can meet."""
     strategy_class(config.strategy.name)
     check_trackers(config.output.trackers)
     defence = build_defence(config.strategy)  # with its options and bucketing: what the server will run
@@ -228,11 +231,56 @@ def check_runnable(config: ExperimentConfig) -> None:
         )
     check_resources(config.federation)
     server_device(config)  # the server's evaluation device exists here (ConfigError if not)
+    check_model_available(config.model)
     check_causal_resources(config.model)  # 4-bit base weights need CUDA and bitsandbytes
     # Every example and every client's share, checked; cached, so the server does not redo it.
     task = workspace.federated_task(config)
     if config.privacy.enabled:  # calibrates every client now (cached for the server in this process)
         plan_clients(config, {client: len(part.labels) for client, part in enumerate(task.partitions)})
+
+
+def check_model_available(model: ModelConfig) -> None:
+    """Refuse, within seconds, a model.name that is neither a built-in model of its task, a local
+    folder, nor a model on the Hugging Face hub: the server would find out only once the engine
+    has started. Hub ids are looked up in the local cache first; with HF_HUB_OFFLINE=1 the cache
+    is all there is. (A probe of the hub's address first, as for hub data sets: without a network
+    the hub client retries for tens of seconds.)"""
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    builtins = TINY_CAUSAL if model.causal else (BUILTIN_MODEL, TINY_MODEL)
+    if model.name in builtins or Path(model.name).expanduser().exists():
+        return
+    if not model.causal:
+        model_source(model)  # a classifier's name that is not even a hub id is refused there
+    named = f"model.name: {model.name!r} is neither a local folder"
+    try:
+        cached = try_to_load_from_cache(model.name, "config.json")
+    except ValueError:  # not a valid hub id
+        raise ConfigError(f"{named} nor a hub id (owner/model); built-in names: {', '.join(builtins)}") from None
+    if isinstance(cached, str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(
+            f"{named} nor in the local Hugging Face cache, and HF_HUB_OFFLINE is set; "
+            "give a local folder, or download it where the network allows (HF_HUB_OFFLINE unset)"
+        )
+    if not hub.hub_reachable():
+        raise ConfigError(
+            f"{named} nor in the local Hugging Face cache, and the hub ({hub.hub_address()[0]}) cannot be reached from here; "
+            "give a local folder, or download it where the network allows"
+        )
+    try:
+        model_info(model.name, timeout=hub.PROBE_SECONDS)
+    except RepositoryNotFoundError:
+        raise ConfigError(
+            f"{named} nor a model on the Hugging Face hub (or one private to others); check the id, or log in "
+            "(`hf auth login`, or HF_TOKEN) if it is yours"
+        ) from None
+    except Exception as err:  # the hub client raises many types: report them all the same way
+        raise ConfigError(
+            f"{named} nor in the local Hugging Face cache, and the hub did not say whether it has it: {root_cause(err)}"
+        ) from None
 
 
 def check_resources(federation: FederationConfig) -> None:

@@ -123,6 +123,22 @@ class RunResult:
         """Whether its history records the clients' training loss."""
         return any(r.get("train_loss") is not None for r in self.history)
 
+    @property
+    def client_privacy(self) -> dict[str, dict[str, Any]]:
+        """Per client id, the privacy figures summary.json records (ε, reported ε, DP steps, noise,
+        sample rate); {} without DP."""
+        return self.summary.get("privacy") or {}
+
+    @property
+    def retirements(self) -> dict[str, tuple[int | None, str]]:
+        """Per retired client id: the first round it was not sampled for (None where the history,
+        written before fedlora recorded it, does not say) and why."""
+        first: dict[str, int] = {}
+        for record in self.history:
+            for client in (record.get("extra") or {}).get("retired") or {}:
+                first.setdefault(str(client), record["round"])
+        return {str(client): (first.get(str(client)), str(why)) for client, why in (self.summary.get("retired") or {}).items()}
+
     def mean_per_round(self, extract: Callable[[dict[str, Any]], float | None]) -> float | None:
         """The mean of a per-round figure over the trained rounds that record it."""
         values = [v for r in self.history if r["round"] >= 1 and (v := extract(r)) is not None]

@@ -23,6 +23,7 @@ from fedlora.report.tables import (
     differences_table,
     key_table,
     notes,
+    privacy_table,
     ranking_note,
     reproduce_table,
     runs_table,
@@ -90,6 +91,11 @@ SECTIONS = (
         "Per round: the share of attackers flagged (TPR) and of honest clients flagged (FPR).",
     ),
 )
+PRIVACY_INTRO = (
+    "Each client's ε as the server accounts it (δ as configured) and as the client last reported it, its DP-SGD steps, "
+    "noise multiplier and sample rate; retired: the round from which it was no longer sampled, and why (a client whose "
+    "next round would exceed privacy.epsilon is retired, never overspent)."
+)
 EMPTY = {
     "epsilon": "No run used differential privacy (no ε recorded): there is no accuracy–ε trade-off to plot.",
     "detection": "No run recorded detection rates (runs with attackers and a robust filter record them).",
@@ -132,11 +138,17 @@ def page_blocks(comparison: Comparison, plots: set[str], base_toml: str) -> list
         blocks.append(Block("h2", heading))
         if key not in plots:
             blocks.append(Block("empty", EMPTY[key]))
-            continue
-        if key == "detection":
-            names = sorted({name for run in comparison.runs for name in run.defences})
-            caption += f" Defences as the histories name them: {', '.join(names)}." if names else ""
-        blocks.append(Block("figure", caption, plot=key, heading=heading))
+        else:
+            if key == "detection":
+                names = sorted({name for run in comparison.runs for name in run.defences})
+                caption += f" Defences as the histories name them: {', '.join(names)}." if names else ""
+            blocks.append(Block("figure", caption, plot=key, heading=heading))
+        if key == "epsilon" and any(run.client_privacy for run in comparison.runs):
+            blocks += [
+                Block("h3", "Privacy per client"),
+                Block("p", PRIVACY_INTRO),
+                Block("table", table=privacy_table(comparison)),
+            ]
     blocks += [Block("h2", "Runs"), Block("table", table=runs_table(comparison))]
     if comparison.excluded:
         rows = [[str(e.path), e.reason] for e in comparison.excluded]

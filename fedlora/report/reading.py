@@ -40,7 +40,7 @@ OPTIONAL = {
     "extra.": ("epsilon_max", "epsilon", "tpr", "fpr"),
 }
 LISTS = {"": ("clients",), "extra.": ("flagged", "malicious")}
-OBJECTS = {"": ("extra",), "extra.": ("defence",)}
+OBJECTS = {"": ("extra",), "extra.": ("defence", "retired")}
 # Config sections whose settings the report reads (privacy.epsilon, attack.fraction, ...).
 CONFIG_SECTIONS = ("model", "data", "privacy", "attack", "strategy", "federation")
 # summary.json's figures and how to compute each from the history, to check that the two agree.
@@ -193,7 +193,20 @@ def read_summary(path: Path) -> dict[str, Any]:
     """summary.json, its figures numbers."""
     summary = read_object(path)
     _check_numbers(path, summary, {"": tuple(AGREEING)})
+    _check_client_sections(path, summary)
     return summary
+
+
+def _check_client_sections(path: Path, summary: dict[str, Any]) -> None:
+    """`privacy` and `retired`, where recorded: objects by client id; each client's privacy figures numbers."""
+    for section in ("privacy", "retired"):
+        value = summary.get(section)
+        if value is not None and not isinstance(value, dict):
+            raise ReportError(f"{path}: {section!r} is {_shown(value)}, not an object{DAMAGED}")
+    for client, figures in (summary.get("privacy") or {}).items():
+        if not isinstance(figures, dict):
+            raise ReportError(f"{path}: 'privacy.{client}' is {_shown(figures)}, not an object{DAMAGED}")
+        _check_numbers(path, summary, {f"privacy.{client}.": tuple(figures)})
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:

@@ -201,6 +201,37 @@ def runs_table(comparison: Comparison) -> Table:
     return _table(columns, subjects)
 
 
+# summary.json's per-client privacy figures: (header, key, decimals).
+PRIVACY_FIGURES = (
+    ("ε", "epsilon", 3),
+    ("reported ε", "reported-epsilon", 3),
+    ("DP steps", "dp-steps", 0),
+    ("noise multiplier", "noise-multiplier", 3),
+    ("sample rate", "sample-rate", 4),
+)
+
+
+def privacy_table(comparison: Comparison) -> Table:
+    """One row per client of every run with DP: its privacy figures, and from which round and why it was retired."""
+    runs = [run for variant in comparison.variants for run in variant.runs if run.client_privacy]
+    subjects = [(run, client) for run in runs for client in run.client_privacy]
+    columns = [Column("run", lambda s: s[0].name, text=True)] if len(runs) > 1 else []
+    columns.append(Column("client", lambda s: s[1]))
+    columns += [
+        Column(header, lambda s, key=key, digits=digits: number(s[0].client_privacy[s[1]].get(key), digits))
+        for header, key, digits in PRIVACY_FIGURES
+    ]
+    columns.append(Column("retired", lambda s: _retirement(s[0], s[1]), text=True))
+    return _table(columns, subjects)
+
+
+def _retirement(run: RunResult, client: str) -> str:
+    if client not in run.retirements:
+        return ""
+    first, why = run.retirements[client]
+    return why if first is None else f"from round {first}: {why}"
+
+
 def key_table(comparison: Comparison) -> Table:
     """Where the variants are labelled V1, V2, ...: each label's settings, one column per differing key."""
     columns = [Column("variant", lambda v: v.label, text=True)]
