@@ -129,5 +129,7 @@ def _card(adapter: Path, config: ExperimentConfig, merged: bool, carries_base: b
     written = path.read_text() if path.is_file() else ""
     summary = written.split(LOADING)[0].rstrip("\n")
     if merged:
-        summary = summary.replace("library_name: peft", "library_name: transformers", 1)
+        summary = summary.replace("library_name: peft", "library_name: transformers", 1).replace(
+            ": a LoRA adapter trained", ": a model fine-tuned with LoRA (merged into its weights) trained", 1
+        )
     return summary + "\n\n" + loading_section(config, merged, carries_base)

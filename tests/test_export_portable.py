@@ -139,7 +139,8 @@ def test_the_export_loads_wherever_it_is_copied_and_the_merged_model_predicts_as
     assert [answer["label"] for answer in answers] == predicted
     assert not [report for report in reports if "LOAD REPORT" in report], reports
     assert not (out / "merged" / "adapter_config.json").exists()
-    assert "library_name: transformers" in (out / "merged" / "README.md").read_text()
+    card = (out / "merged" / "README.md").read_text()
+    assert "library_name: transformers" in card and "(merged into its weights)" in card and "## Labels" in card
 
 
 def test_bad_export_inputs_are_refused_in_one_line_and_nothing_is_written(tmp_path: Path) -> None:
