@@ -1,4 +1,4 @@
-"""Causal language models with LoRA (model.task = "causal_lm"): build, score, export.
+"""Causal language models with LoRA (model.task = "causal_lm"): build and score (exported by fedlora/export_causal.py).
 
 Base models, chosen by `model.name`:
 - "tiny-llama", "tiny-gpt2": small Llama- and GPT-2-architecture models built from `[model.tiny]`
@@ -33,12 +33,9 @@ A generation stays inside the model's positions (a long prompt loses tokens from
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -62,8 +59,6 @@ from transformers.utils import logging as hf_logging
 from fedlora.config import ConfigError, ModelConfig
 from fedlora.data.instruct import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, CausalExamples
 from fedlora.data.instruct_task import task_vocabulary
-from fedlora.export import write_adapter
-from fedlora.lora import has_merged_delta
 from fedlora.model import seeded
 
 TINY_LLAMA = "tiny-llama"
@@ -71,7 +66,6 @@ TINY_GPT2 = "tiny-gpt2"
 TINY_CAUSAL = (TINY_LLAMA, TINY_GPT2)
 TINY_SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "eos_token": "[EOS]"}
 TINY_LOGIT_SCALE = 32.0  # see the module docstring
-BASE_FOLDER = "base"  # where the export keeps a tiny model's random base weights
 # Architectures whose linear layers are transformers' Conv1D (weight d_in x d_out).
 CONV1D_ARCHITECTURES = ("gpt2",)
 
@@ -412,34 +406,3 @@ def is_exact_match(generated: list[int], reference: list[int], tokenizer: PreTra
 
 def _normalized(text: str) -> str:
     return " ".join(text.split())
-
-
-# --- export -------------------------------------------------------------------------------
-def export_causal_adapter(
-    model: PeftModel, folder: Path, config: ModelConfig, seed: int, tokenizer: PreTrainedTokenizerBase
-) -> Path:
-    """The adapter as `AutoPeftModelForCausalLM.from_pretrained(folder)` loads it, tokenizer beside it.
-
-    The base model reference in adapter_config.json is the hub id or the local folder the run
-    loaded; a tiny model's random base weights, or a base holding a merged delta (FLoRA,
-    FedEx-LoRA), are saved in `folder/base` and referenced by absolute path (move the folder and that path must be edited, or the base passed explicitly).
-    """
-    folder = Path(folder).resolve()
-
-    def extras(partial: Path) -> None:
-        tokenizer.save_pretrained(str(partial))
-        if has_merged_delta(model):  # FLoRA's, FedEx-LoRA's: the base as merged, W0 + U V
-            copy.deepcopy(model).unload().save_pretrained(str(partial / BASE_FOLDER))
-            reference = str(folder / BASE_FOLDER)
-        elif config.name in TINY_CAUSAL:
-            build_causal_base(config, seed).save_pretrained(str(partial / BASE_FOLDER))
-            reference = str(folder / BASE_FOLDER)
-        else:
-            local = Path(config.name).expanduser()
-            reference = str(local.resolve()) if local.exists() else config.name
-        settings_path = partial / "adapter_config.json"
-        settings = json.loads(settings_path.read_text())
-        settings["base_model_name_or_path"] = reference
-        settings_path.write_text(json.dumps(settings, indent=2, sort_keys=True))
-
-    return write_adapter(model, folder, extras)

@@ -355,6 +355,24 @@ def _print_report(files: ReportFiles) -> None:
     console.print(f"report: {files.html}\n        {files.markdown}\n        {files.csv}", highlight=False, soft_wrap=True)
 
 
+@cli.command("export")
+def export_command(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A finished run's directory.", show_default=False)],
+    to: Annotated[Path, typer.Option("--to", metavar="DIR", help="The folder to write (created).", show_default=False)],
+    merged: Annotated[
+        bool, typer.Option("--merged", help="Fold the LoRA factors into the base: a plain transformers model.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what DIR holds.")] = False,
+) -> None:
+    """Write a run's adapter as a folder that loads wherever it is copied (base, tokenizer, labels, card), or its
+    merged model (--merged) for AutoModelFor... and pipeline(...)."""
+    from fedlora.export_run import export_run
+
+    folder = export_run(run_dir, to, merged=merged, overwrite=overwrite)
+    what = "merged model" if merged else "adapter with its base"
+    console.print(f"{what}: {folder} (its README.md says how to load it)", highlight=False, soft_wrap=True)
+
+
 config_cli = typer.Typer(no_args_is_help=True, help="Look at configs: one resolved, or every key there is.")
 cli.add_typer(config_cli, name="config")
 

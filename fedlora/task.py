@@ -32,6 +32,7 @@ from fedlora.data.instruct_sources import (
 from fedlora.data.partition import partition_examples
 from fedlora.data.sources import load_data, load_node_examples
 from fedlora.export import RunFigures, export_adapter
+from fedlora.export_causal import export_causal_adapter
 
 Examples = TextExamples | InstructionSet
 Encoded = EncodedExamples | CausalExamples
@@ -115,7 +116,7 @@ def export(
     class_names: list[str],
     figures: RunFigures,
 ) -> Path:
-    """Write the final adapter as peft's Auto class of the task loads it (fedlora/export.py, fedlora/causal.py)."""
+    """Write the final adapter as peft's Auto class of the task loads it (fedlora/export.py, fedlora/export_causal.py)."""
     if config.model.causal:
-        return causal.export_causal_adapter(lora_model, folder, config.model, config.seed, tokenizer)
+        return export_causal_adapter(lora_model, folder, config, tokenizer, figures)
     return export_adapter(lora_model, folder, config, class_names, figures)

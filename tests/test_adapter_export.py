@@ -51,11 +51,14 @@ def logits(model: torch.nn.Module, folder: Path | str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("train_head", [True, False])
-def test_the_auto_class_alone_loads_the_adapter_and_gives_its_logits(tmp_path: Path, train_head: bool) -> None:
+def test_the_auto_class_alone_loads_the_adapter_and_gives_its_logits(
+    tmp_path: Path, train_head: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = tiny_config(f"model.train_head={str(train_head).lower()}")
     model = trained_model(config)
     folder = export_adapter(model, tmp_path / "run" / "adapter", config, CLASSES, FIGURES)
-    loaded = AutoPeftModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    monkeypatch.chdir(folder)  # peft reads the relative base reference, "./base", against the working directory
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained(".").eval()
     torch.testing.assert_close(logits(loaded, folder), logits(model, folder), rtol=0, atol=1e-6)
     assert loaded.config.id2label == dict(enumerate(CLASSES))
     assert loaded.config.label2id == {name: index for index, name in enumerate(CLASSES)}
@@ -64,7 +67,9 @@ def test_the_auto_class_alone_loads_the_adapter_and_gives_its_logits(tmp_path: P
     assert not (tmp_path / "run" / "adapter.partial").exists()
 
 
-def test_a_frozen_head_stays_frozen_in_training_and_is_exported_as_initialized(tmp_path: Path) -> None:
+def test_a_frozen_head_stays_frozen_in_training_and_is_exported_as_initialized(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = tiny_config("model.train_head=false")
     model = trained_model(config)
     head = [(name, param) for name, param in model.named_parameters() if HEAD_MODULE in name]
@@ -72,7 +77,8 @@ def test_a_frozen_head_stays_frozen_in_training_and_is_exported_as_initialized(t
     assert not any("modules_to_save" in name for name, _ in head)  # training's adapter config has no task type
     fresh = build_lora_model(config.model, len(CLASSES), config.seed)
     folder = export_adapter(model, tmp_path / "adapter", config, CLASSES, FIGURES)
-    loaded = AutoPeftModelForSequenceClassification.from_pretrained(str(folder))
+    monkeypatch.chdir(folder)
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained(".")
     exported_head = {k: v for k, v in loaded.state_dict().items() if f"{HEAD_MODULE}.modules_to_save.default." in k}
     initial_head = {
         k.rsplit(".", 1)[-1]: v for k, v in fresh.state_dict().items() if k.startswith(f"base_model.model.{HEAD_MODULE}.")
@@ -99,14 +105,18 @@ def test_a_copied_folder_loads_base_first_then_adapter(tmp_path: Path) -> None:
     torch.testing.assert_close(logits(loaded, moved), logits(model, moved), rtol=0, atol=1e-6)
 
 
-def test_the_packaged_minilm_is_linked_not_copied_and_named_by_its_hub_id(tmp_path: Path) -> None:
+def test_the_packaged_minilm_is_linked_not_copied_and_named_by_its_hub_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = tiny_config("model.name='minilm'")
     model = trained_model(config)
     folder = export_adapter(model, tmp_path / "adapter", config, CLASSES, FIGURES)
     packaged = minilm_path() / "model.safetensors"
+    linked = folder / "base" / "model-00001-of-00002.safetensors"  # the head is the second shard
     if packaged.stat().st_dev == tmp_path.stat().st_dev:  # a hard link needs one file system
-        assert (folder / "base" / "model.safetensors").stat().st_ino == packaged.resolve().stat().st_ino
-    loaded = AutoPeftModelForSequenceClassification.from_pretrained(str(folder)).eval()
+        assert linked.stat().st_ino == packaged.resolve().stat().st_ino
+    monkeypatch.chdir(folder)
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained(".").eval()
     torch.testing.assert_close(logits(loaded, folder), logits(model, folder), rtol=0, atol=1e-5)
     card = (folder / "README.md").read_text()
     assert f"base_model: {MINILM_HUB_ID}" in card and "library_name: peft" in card

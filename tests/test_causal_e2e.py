@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,8 @@ def federations(tmp_path_factory: pytest.TempPathFactory) -> Federations:
 
 def final_state(run_dir: Path) -> LoraState:
     """The global adapter at the end of the run, as exported."""
-    return LoraState.from_model(AutoPeftModelForCausalLM.from_pretrained(str(run_dir / "adapter")))
+    with contextlib.chdir(run_dir / "adapter"):  # peft reads the base reference, "./base", against the working directory
+        return LoraState.from_model(AutoPeftModelForCausalLM.from_pretrained("."))
 
 
 def assert_every_b_trained(config: ExperimentConfig, run_dir: Path) -> None:
@@ -87,7 +89,8 @@ def test_every_strategy_federates_a_tiny_llama_and_records_its_scores(federation
 def test_the_exported_adapter_reloads_with_auto_peft_and_gives_the_run_s_final_logits(federations: Federations) -> None:
     run_dir = federations.run("fedit")
     config = federations.config("fedit")
-    exported = AutoPeftModelForCausalLM.from_pretrained(str(run_dir / "adapter")).eval()
+    with contextlib.chdir(run_dir / "adapter"):
+        exported = AutoPeftModelForCausalLM.from_pretrained(".").eval()
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "adapter"))
     assert tokenizer.get_vocab() == workspace.tokenizer(config).get_vocab() and tokenizer.chat_template
     # The model at the end of the run: a fresh build from the config with the final global state.

@@ -235,7 +235,8 @@ def test_an_exported_adapter_carries_the_merged_delta_in_its_base(tmp_path, monk
     state.load_into(model)
     figures = RunFigures(run_name="flora-test", rounds=1, clients=3, final_accuracy=0.5, test_examples=60, epsilon=None)
     folder = export_adapter(model, tmp_path / "adapter", config, classes, figures)
-    loaded = AutoPeftModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    monkeypatch.chdir(folder)  # peft reads the relative base reference, "./base", against the working directory
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained(".").eval()
     batch = AutoTokenizer.from_pretrained(str(folder))(
         ["the match ended in a draw", "shares fell"], return_tensors="pt", padding=True
     )
@@ -243,10 +244,12 @@ def test_an_exported_adapter_carries_the_merged_delta_in_its_base(tmp_path, monk
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-5)
 
 
-def test_an_exported_causal_adapter_carries_the_merged_delta_in_its_base(tmp_path):
+def test_an_exported_causal_adapter_carries_the_merged_delta_in_its_base(tmp_path, monkeypatch):
     from peft import AutoPeftModelForCausalLM
 
     from fedlora import causal, workspace
+    from fedlora.export import RunFigures
+    from fedlora.export_causal import export_causal_adapter
     from tests.conftest import causal_config
 
     config = causal_config()
@@ -259,8 +262,10 @@ def test_an_exported_causal_adapter_carries_the_merged_delta_in_its_base(tmp_pat
             torch.randn(2, parts["A"].shape[1], generator=g),
         )
     state.load_into(model)
-    folder = causal.export_causal_adapter(model, tmp_path / "adapter", config.model, config.seed, workspace.tokenizer(config))
-    loaded = AutoPeftModelForCausalLM.from_pretrained(str(folder)).eval()
+    figures = RunFigures(run_name="flora-test", rounds=1, clients=3, final_accuracy=0.5, test_examples=24, epsilon=None)
+    folder = export_causal_adapter(model, tmp_path / "adapter", config, workspace.tokenizer(config), figures)
+    monkeypatch.chdir(folder)
+    loaded = AutoPeftModelForCausalLM.from_pretrained(".").eval()
     ids = torch.tensor([[1, 5, 9, 2, 7]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)

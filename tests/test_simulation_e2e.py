@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def test_peft_auto_class_alone_loads_the_run_adapter_with_the_final_logits(fedit
     config = tiny_config()
     task = workspace.federated_task(config)
     test = workspace.test_examples(config)
-    auto = AutoPeftModelForSequenceClassification.from_pretrained(str(fedit_run / "adapter")).eval()
+    with contextlib.chdir(fedit_run / "adapter"):  # peft reads the base reference, "./base", against the working directory
+        auto = AutoPeftModelForSequenceClassification.from_pretrained(".").eval()
     final_model = load_exported_adapter(config.model, task.num_labels, config.seed, fedit_run / "adapter").eval()
     batch = test.batch(torch.arange(16))
     batch.pop("labels")
