@@ -121,7 +121,13 @@ def _base_sentence(config: ModelConfig) -> str:
         return f"base model {base}"
     tiny = config.tiny
     if config.name == TINY_MODEL:
-        return f"a tiny BERT ({tiny.num_layers} layers, hidden size {tiny.hidden_size}) with random weights"
+        weights = (
+            f"pretrained by fedlora on {tiny.pretrain_examples} public examples of the built-in corpus' first "
+            f"{tiny.pretrain_topics} topics ({tiny.pretrain_steps} steps)"
+            if tiny.pretrain_steps
+            else "with random weights"
+        )
+        return f"a tiny BERT ({tiny.num_layers} layers, hidden size {tiny.hidden_size}) {weights}"
     if config.name in TINY_CAUSAL:
         architecture = "Llama" if config.name == "tiny-llama" else "GPT-2"
         return f"a tiny {architecture} ({tiny.num_layers} layers, hidden size {tiny.hidden_size}) with random weights"
