@@ -464,6 +464,19 @@ class OutputConfig(_Section):
         '"mlflow", "wandb" (each needs its package)',
     )
 
+    project: str = Field("fedlora", min_length=1, description="the trackers' project: the W&B project, the MLflow experiment")
+    group: str | None = Field(None, description="a group of runs (W&B's group; an MLflow tag), e.g. a sweep's name")
+    tags: list[str] = Field(default_factory=list, description="labels for the run (W&B tags; MLflow tags)")
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(
+        "offline",
+        description='"offline": files in run_dir/wandb, uploaded later with `wandb sync`; "online": straight to the W&B '
+        'server (needs the network and a login); "disabled": W&B does nothing',
+    )
+    wandb_entity: str | None = Field(None, description="the W&B team or user the project belongs to (none: your default)")
+    mlflow_uri: str | None = Field(
+        None, description="an MLflow tracking server or store (http://..., file:..., databricks); none: run_dir/mlruns"
+    )
+
     @field_validator("trackers")
     @classmethod
     def _trackers_once(cls, trackers: list[str]) -> list[str]:

@@ -3,13 +3,19 @@
     [output]
     trackers = ["tensorboard", "mlflow"]
 
-Each tracker writes files into the run directory and needs no server or network:
+By default each tracker writes files into the run directory and needs no server or network:
 
     tensorboard   run_dir/tensorboard/   event files (torch.utils.tensorboard; needs the tensorboard
                                          package): `tensorboard --logdir runs`
     mlflow        run_dir/mlruns/        an MLflow file store (needs mlflow-skinny or mlflow):
-                                         `MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri run_dir/mlruns`
-    wandb         run_dir/wandb/         an offline W&B run (needs wandb): `wandb sync run_dir/wandb/offline-run-*`
+                                         `MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri run_dir/mlruns`;
+                                         `output.mlflow_uri` sends it to a tracking server instead
+    wandb         run_dir/wandb/         an offline W&B run (needs wandb): `wandb sync run_dir/wandb/offline-run-*`;
+                                         `output.wandb_mode = "online"` sends it to W&B as it runs
+
+`output.project`, `group`, `tags` and `wandb_entity` name the run as its users file their runs.
+At the end, MLflow and W&B also keep the run's adapter folder and summary.json as artifacts (the
+report is written after the trackers close: it stays in the run directory).
 
 At start a tracker records the resolved config (flattened `section.key` names) as the run's
 params / hparams; for every round it logs the numbers of that round's history line (see
@@ -33,7 +39,7 @@ from fedlora.config import ConfigError, ExperimentConfig
 from fedlora.results import RoundRecord
 
 SUMMARY_FIGURES = ("final_accuracy", "best_accuracy", "initial_accuracy", "final_loss", "bytes_up", "bytes_down", "wall_seconds")
-PROJECT = "fedlora"  # the MLflow experiment and the W&B project
+RUN_DIR_TAG = "fedlora.run_dir"  # MLflow: which run directory an MLflow run belongs to (resume finds it by this)
 
 
 def round_scalars(record: RoundRecord) -> dict[str, float]:
@@ -155,15 +161,21 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=(run_dir / self.DIR).resolve().as_uri())
-        experiment = self.client.get_experiment_by_name(PROJECT)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(PROJECT)
-        previous = self.client.search_runs([experiment_id], max_results=1, order_by=["attributes.start_time DESC"])
+        output = config.output
+        self.client = MlflowClient(tracking_uri=output.mlflow_uri or (run_dir / self.DIR).resolve().as_uri())
+        experiment = self.client.get_experiment_by_name(output.project)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(output.project)
+        here = str(run_dir.resolve())
+        # A shared server holds other runs too: continue the one this run directory started.
+        previous = self.client.search_runs(
+            [experiment_id], f"tags.`{RUN_DIR_TAG}` = '{here}'", max_results=1, order_by=["attributes.start_time DESC"]
+        )
         if resume and previous:
             self.run_id = previous[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
             return
-        self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
+        tags = {RUN_DIR_TAG: here, **{tag: "" for tag in output.tags}, **({"group": output.group} if output.group else {})}
+        self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name, tags=tags).info.run_id
         params = [Param(key, str(value)) for key, value in config_params(config).items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(self.run_id, params=params[start : start + 100])
@@ -175,6 +187,8 @@ class MlflowTracker(Tracker):
     def finish(self, summary: dict[str, Any]) -> None:
         """Final figures as `summary.<name>` metrics; the run marked finished."""
         self._log({f"summary.{key}": value for key, value in summary_figures(summary).items()}, int(summary.get("rounds") or 0))
+        for folder, path in run_artifacts(summary):
+            (self.client.log_artifacts if path.is_dir() else self.client.log_artifact)(self.run_id, str(path), folder)
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def _log(self, scalars: dict[str, float], step: int) -> None:
@@ -185,20 +199,24 @@ class MlflowTracker(Tracker):
 
 
 class WandbTracker(Tracker):
-    """An offline W&B run under run_dir/wandb (upload later with `wandb sync`)."""
+    """A W&B run: offline under run_dir/wandb (upload later with `wandb sync`) unless output.wandb_mode says otherwise."""
 
     name, module, package = "wandb", "wandb", "wandb"
     imports = ("wandb",)
 
     def start(self, config: ExperimentConfig, run_dir: Path, resume: bool) -> None:
-        """An offline run whose id derives from the run directory, so a resumed run continues it."""
+        """A run whose id derives from the run directory, so a resumed run continues it."""
         import wandb
 
+        output = config.output
         run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
         self.run = wandb.init(
-            mode="offline",
+            mode=output.wandb_mode,
             dir=str(run_dir),
-            project=PROJECT,
+            project=output.project,
+            entity=output.wandb_entity,
+            group=output.group,
+            tags=output.tags or None,
             name=run_dir.name,
             id=run_id,
             resume="allow",
@@ -215,10 +233,24 @@ class WandbTracker(Tracker):
         import wandb
 
         self.run.summary.update(summary_figures(summary))
+        for folder, path in run_artifacts(summary):
+            artifact = wandb.Artifact(f"{self.run.id}-{folder}", type="model" if folder == "adapter" else "run-files")
+            (artifact.add_dir if path.is_dir() else artifact.add_file)(str(path))
+            self.run.log_artifact(artifact)
         self.run.finish()
         # W&B's service process writes the run's log after finish() returns; stopping it waits for
         # that, so the files are whole when the run is reported finished (a later run starts a new one).
         wandb.teardown()
+
+
+def run_artifacts(summary: dict[str, Any]) -> list[tuple[str, Path]]:
+    """(name, path) of what a finished run keeps as tracker artifacts: its adapter folder and summary.json."""
+    found = []
+    if summary.get("adapter") and Path(summary["adapter"]).is_dir():
+        found.append(("adapter", Path(summary["adapter"])))
+    if summary.get("run_dir") and (Path(summary["run_dir"]) / "summary.json").is_file():
+        found.append(("summary", Path(summary["run_dir"]) / "summary.json"))
+    return found
 
 
 TRACKERS: dict[str, type[Tracker]] = {cls.name: cls for cls in (TensorBoardTracker, MlflowTracker, WandbTracker)}

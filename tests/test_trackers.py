@@ -288,3 +288,72 @@ def test_a_simulated_run_logs_exactly_its_history_to_tensorboard_and_mlflow(tmp_
     assert run.info.status == "FINISHED"
     assert_same_series({key: points for key, points in series.items() if not key.startswith("summary.")}, expected)
     assert series["train_loss"][0][0] == 1  # the clients' loss from the first trained round on
+
+
+# --- trackers as their users run them: project, group, tags, a shared server, artifacts -------------
+
+
+def finished_run_files(run_dir: Path) -> dict:
+    """A summary naming an adapter folder and a summary.json that exist, as a finished run's does."""
+    (run_dir / "adapter").mkdir(parents=True)
+    (run_dir / "adapter" / "adapter_config.json").write_text("{}")
+    summary = {**SUMMARY, "adapter": str(run_dir / "adapter"), "run_dir": str(run_dir)}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+def test_mlflow_on_a_shared_store_files_each_run_under_the_project_with_its_tags_and_artifacts(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    store = (tmp_path / "server-store").resolve().as_uri()
+    overrides = (f"output.mlflow_uri={store!r}", "output.project='lora-study'", "output.group='sweep-a'", "output.tags=['dp','v2']")
+    config = tiny_config(*overrides)
+    for name in ("run-a", "run-b"):  # two runs on one server; run-a is killed after round 0 and resumed
+        run_dir = tmp_path / name
+        summary = finished_run_files(run_dir)
+        first = Trackers(["mlflow"])
+        first.start(config, run_dir)
+        first.log_round(RECORDS[0])
+        if name == "run-a":
+            first = Trackers(["mlflow"])
+            first.start(config, run_dir, resume=True)
+        for record in RECORDS[1:]:
+            first.log_round(record)
+        first.finish(summary)
+    assert not (tmp_path / "run-a" / "mlruns").exists()  # the server's store, not the run directory's
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("lora-study").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["run-a", "run-b"]  # the resume continued run-a, not run-b
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["group"] == "sweep-a" and "dp" in run.data.tags and "v2" in run.data.tags
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "accuracy")] == [0, 1, 2]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert artifacts == {"adapter", "summary"}, artifacts
+
+
+def test_wandb_takes_its_project_group_tags_and_mode_from_the_output_section(tmp_path: Path) -> None:
+    config = tiny_config("output.project='lora-study'", "output.group='sweep-a'", "output.tags=['dp']")
+    summary = finished_run_files(tmp_path)
+    trackers = Trackers(["wandb"])
+    trackers.start(config, tmp_path)
+    for record in RECORDS:
+        trackers.log_round(record)
+    trackers.finish(summary)
+    (offline,) = (tmp_path / "wandb").glob("offline-run-*")
+    records = wandb_records(next(offline.glob("run-*.wandb")))
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (run.project, run.run_group, list(run.tags)) == ("lora-study", "sweep-a", ["dp"])
+    assert any(r.WhichOneof("record_type") == "artifact" for r in records)
+    disabled = tmp_path / "disabled"
+    disabled.mkdir()
+    off = Trackers(["wandb"])
+    off.start(tiny_config("output.wandb_mode='disabled'"), disabled)
+    off.finish(SUMMARY)
+    assert not list((disabled / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("override", ["output.wandb_mode='cloud'", "output.project=''", "output.tags='dp'"])
+def test_tracker_settings_that_cannot_work_are_refused_by_key(override: str) -> None:
+    with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[1]):
+        tiny_config(override)
