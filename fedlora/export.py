@@ -91,8 +91,13 @@ def write_folder(folder: Path, fill: Callable[[Path], None]) -> Path:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    shutil.rmtree(folder, ignore_errors=True)
+    # The old folder is set aside, and deleted only once the new one has its name.
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
     os.replace(partial, folder)
+    shutil.rmtree(old, ignore_errors=True)
     return folder
 
 

@@ -45,9 +45,10 @@ from fedlora.results import ADAPTER, CONFIG
 
 def export_run(run_dir: Path, to: Path, merged: bool = False, overwrite: bool = False) -> Path:
     """Write the run's adapter (or, `merged`, its merged model) into `to`; returns `to`."""
-    run_dir, to = Path(run_dir), Path(to)
+    run_dir = Path(run_dir)
     adapter = _checked_adapter(run_dir)
-    _check_destination(to, run_dir, overwrite)
+    _check_destination(Path(to), run_dir, overwrite)
+    to = Path(to).resolve()  # "." has no name to write a partial folder beside
     config = config_from_json((run_dir / CONFIG).read_bytes(), run_dir / CONFIG)
     model = load_run_model(adapter, config)
     tokenizer = AutoTokenizer.from_pretrained(str(adapter))
@@ -86,10 +87,20 @@ def _check_destination(to: Path, run_dir: Path, overwrite: bool) -> None:
     target, run = to.resolve(), run_dir.resolve()
     if run.is_relative_to(target) or target.is_relative_to(run / ADAPTER):
         raise ConfigError(f"--to {to}: it holds the run or is inside its adapter; give a folder outside them")
+    if not target.name or Path.cwd().resolve().is_relative_to(target):
+        raise ConfigError(f"--to {to}: it holds the current folder; give a new folder for the export")
     if to.exists() and not to.is_dir():
         raise ConfigError(f"--to {to}: a file is there; give a folder")
-    if to.is_dir() and any(to.iterdir()) and not overwrite:
-        raise ConfigError(f"--to {to}: the folder is not empty; give another one, or add --overwrite to replace it")
+    if to.is_dir() and any(to.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"--to {to}: the folder is not empty; give another one, or add --overwrite to replace it")
+        if not _is_export(to):  # --overwrite replaces an earlier export, never an arbitrary folder
+            raise ConfigError(f"--to {to}: the folder holds something other than an export; --overwrite replaces only exports")
+
+
+def _is_export(folder: Path) -> bool:
+    """Whether `folder` looks like what `export_run` writes: a card beside an adapter or a model config."""
+    return (folder / CARD).is_file() and ((folder / ADAPTER_CONFIG).is_file() or (folder / MODEL_CONFIG).is_file())
 
 
 def _carried(adapter: Path) -> bool:

@@ -160,6 +160,10 @@ def test_bad_export_inputs_are_refused_in_one_line_and_nothing_is_written(tmp_pa
         ([str(run), "--to", str(tmp_path / "a-file")], "a file is there"),
         ([str(run), "--to", str(tmp_path / "runs"), "--overwrite"], "holds the run"),
         ([str(run), "--to", str(run / "adapter" / "copy")], "inside its adapter"),
+        ([str(run), "--to", str(taken), "--overwrite"], "other than an export"),
+        ([str(run), "--to", str(Path.cwd()), "--overwrite"], "holds the current folder"),
+        ([str(run), "--to", str(Path.cwd().parent), "--overwrite"], "holds the current folder"),
+        ([str(run), "--to", "/", "--overwrite"], "holds the run"),
     ]:
         assert expected in one_line_refusal("export", *args)
     assert (taken / "keep.txt").read_text() == "mine" and not (tmp_path / "x").exists()

@@ -306,7 +306,12 @@ def test_mlflow_on_a_shared_store_files_each_run_under_the_project_with_its_tags
     from mlflow.tracking import MlflowClient
 
     store = (tmp_path / "server-store").resolve().as_uri()
-    overrides = (f"output.mlflow_uri={store!r}", "output.project='lora-study'", "output.group='sweep-a'", "output.tags=['dp','v2']")
+    overrides = (
+        f"output.mlflow_uri={store!r}",
+        "output.project='lora-study'",
+        "output.group='sweep-a'",
+        "output.tags=['dp','v2']",
+    )
     config = tiny_config(*overrides)
     for name in ("run-a", "run-b"):  # two runs on one server; run-a is killed after round 0 and resumed
         run_dir = tmp_path / name
