@@ -236,6 +236,9 @@ def test_any_lost_history_lines_leave_the_run_out_with_the_disagreement(copies, 
         (["data.num_test=30"], True),
         (["data.max_test_examples=20"], True),
         (["data.test_fraction=0.3"], True),
+        (["data.corpus.held_out_words=false"], True),  # the built-in corpus' test split is generated with it
+        (["data.corpus.num_classes=4"], True),
+        (["data.corpus.label_noise=0.1"], False),  # train labels only
         (["data.partition=dirichlet"], False),  # splits the training data only
         (["federation.lr=0.01"], False),
         (["strategy.name=ffa_lora"], False),

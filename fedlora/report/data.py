@@ -26,7 +26,16 @@ HELD_OUT_KEYS = (
     "data.max_test_examples",
     "data.drop_missing_labels",
 )
-CLASSIFICATION_HELD_OUT_KEYS = ("data.text_column", "data.label_column")
+CLASSIFICATION_HELD_OUT_KEYS = (
+    "data.text_column",
+    "data.label_column",
+    # The built-in corpus' test split is generated with these (label_noise changes train labels only).
+    "data.corpus.num_classes",
+    "data.corpus.distractor_rate",
+    "data.corpus.negation_rate",
+    "data.corpus.held_out_templates",
+    "data.corpus.held_out_words",
+)
 CAUSAL_HELD_OUT_KEYS = (
     "data.num_train",  # the built-in instruction task keeps training prompts out of its held-out set
     "data.exact_match_examples",
