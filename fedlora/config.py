@@ -477,6 +477,14 @@ class OutputConfig(_Section):
         None, description="an MLflow tracking server or store (http://..., file:..., databricks); none: run_dir/mlruns"
     )
 
+    @field_validator("tags")
+    @classmethod
+    def _tags_every_tracker_takes(cls, tags: list[str]) -> list[str]:
+        for tag in tags:  # W&B takes 64 characters; MLflow tag names: letters, digits and _-./ and spaces
+            if not re.fullmatch(r"[\w .\-/]{1,64}", tag, re.ASCII) or tag == "group":
+                raise ValueError(f"tag {tag!r}: 1 to 64 letters, digits, spaces and _-./ (and not 'group', output.group's own)")
+        return tags
+
     @field_validator("trackers")
     @classmethod
     def _trackers_once(cls, trackers: list[str]) -> list[str]:

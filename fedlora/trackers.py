@@ -32,14 +32,22 @@ import json
 import os
 import time
 from abc import ABC, abstractmethod
+from logging import WARNING
 from pathlib import Path
 from typing import Any
+
+from flwr.common.logger import log
 
 from fedlora.config import ConfigError, ExperimentConfig
 from fedlora.results import RoundRecord
 
 SUMMARY_FIGURES = ("final_accuracy", "best_accuracy", "initial_accuracy", "final_loss", "bytes_up", "bytes_down", "wall_seconds")
-RUN_DIR_TAG = "fedlora.run_dir"  # MLflow: which run directory an MLflow run belongs to (resume finds it by this)
+# MLflow: which run directory an MLflow run belongs to. Resume searches by a digest of the path
+# (a path may hold quotes, which MLflow's filter language cannot escape); the path itself is shown.
+RUN_DIR_TAG = "fedlora.run_dir"
+RUN_DIR_KEY_TAG = "fedlora.run_dir_key"
+# What of the adapter folder becomes an artifact: the trained files, not the base model it carries.
+ADAPTER_ARTIFACT_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 
 
 def round_scalars(record: RoundRecord) -> dict[str, float]:
@@ -166,15 +174,21 @@ class MlflowTracker(Tracker):
         experiment = self.client.get_experiment_by_name(output.project)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(output.project)
         here = str(run_dir.resolve())
+        key = run_dir_key(run_dir)
         # A shared server holds other runs too: continue the one this run directory started.
         previous = self.client.search_runs(
-            [experiment_id], f"tags.`{RUN_DIR_TAG}` = '{here}'", max_results=1, order_by=["attributes.start_time DESC"]
+            [experiment_id], f"tags.`{RUN_DIR_KEY_TAG}` = '{key}'", max_results=1, order_by=["attributes.start_time DESC"]
         )
         if resume and previous:
             self.run_id = previous[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
             return
-        tags = {RUN_DIR_TAG: here, **{tag: "" for tag in output.tags}, **({"group": output.group} if output.group else {})}
+        tags = {
+            RUN_DIR_TAG: here,
+            RUN_DIR_KEY_TAG: key,
+            **{tag: "" for tag in output.tags},
+            **({"group": output.group} if output.group else {}),
+        }
         self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name, tags=tags).info.run_id
         params = [Param(key, str(value)) for key, value in config_params(config).items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
@@ -187,8 +201,9 @@ class MlflowTracker(Tracker):
     def finish(self, summary: dict[str, Any]) -> None:
         """Final figures as `summary.<name>` metrics; the run marked finished."""
         self._log({f"summary.{key}": value for key, value in summary_figures(summary).items()}, int(summary.get("rounds") or 0))
-        for folder, path in run_artifacts(summary):
-            (self.client.log_artifacts if path.is_dir() else self.client.log_artifact)(self.run_id, str(path), folder)
+        for name, files in run_artifacts(summary).items():
+            for file in files:
+                self.client.log_artifact(self.run_id, str(file), name)
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def _log(self, scalars: dict[str, float], step: int) -> None:
@@ -209,7 +224,7 @@ class WandbTracker(Tracker):
         import wandb
 
         output = config.output
-        run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+        run_id = run_dir_key(run_dir)
         self.run = wandb.init(
             mode=output.wandb_mode,
             dir=str(run_dir),
@@ -233,9 +248,10 @@ class WandbTracker(Tracker):
         import wandb
 
         self.run.summary.update(summary_figures(summary))
-        for folder, path in run_artifacts(summary):
-            artifact = wandb.Artifact(f"{self.run.id}-{folder}", type="model" if folder == "adapter" else "run-files")
-            (artifact.add_dir if path.is_dir() else artifact.add_file)(str(path))
+        for name, files in run_artifacts(summary).items():
+            artifact = wandb.Artifact(f"{self.run.id}-{name}", type="model" if name == "adapter" else "run-files")
+            for file in files:
+                artifact.add_file(str(file), policy="immutable")
             self.run.log_artifact(artifact)
         self.run.finish()
         # W&B's service process writes the run's log after finish() returns; stopping it waits for
@@ -243,14 +259,21 @@ class WandbTracker(Tracker):
         wandb.teardown()
 
 
-def run_artifacts(summary: dict[str, Any]) -> list[tuple[str, Path]]:
-    """(name, path) of what a finished run keeps as tracker artifacts: its adapter folder and summary.json."""
-    found = []
-    if summary.get("adapter") and Path(summary["adapter"]).is_dir():
-        found.append(("adapter", Path(summary["adapter"])))
+def run_dir_key(run_dir: Path) -> str:
+    """A run directory's digest: the W&B run id, and the MLflow tag a resume finds its run by."""
+    return hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+
+
+def run_artifacts(summary: dict[str, Any]) -> dict[str, list[Path]]:
+    """The files a finished run keeps as tracker artifacts, by artifact: the adapter's trained files
+    (not the base it carries: a copy of the base per run would cost its size each time), summary.json."""
+    found: dict[str, list[Path]] = {}
+    adapter = Path(summary["adapter"]) if summary.get("adapter") else None
+    if adapter is not None and adapter.is_dir():
+        found["adapter"] = [adapter / name for name in ADAPTER_ARTIFACT_FILES if (adapter / name).is_file()]
     if summary.get("run_dir") and (Path(summary["run_dir"]) / "summary.json").is_file():
-        found.append(("summary", Path(summary["run_dir"]) / "summary.json"))
-    return found
+        found["summary"] = [Path(summary["run_dir"]) / "summary.json"]
+    return {name: files for name, files in found.items() if files}
 
 
 TRACKERS: dict[str, type[Tracker]] = {cls.name: cls for cls in (TensorBoardTracker, MlflowTracker, WandbTracker)}
@@ -304,10 +327,25 @@ class Trackers:
 
     def log_round(self, record: RoundRecord) -> None:
         """Hand one history line to every tracker."""
-        for tracker in self.trackers:
-            tracker.log_round(record)
+        for tracker in list(self.trackers):
+            self._guarded(tracker, "log_round", record)
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Finish every tracker with the run's summary."""
-        for tracker in self.trackers:
-            tracker.finish(summary)
+        for tracker in list(self.trackers):
+            self._guarded(tracker, "finish", summary)
+
+    def _guarded(self, tracker: Tracker, method: str, argument: Any) -> None:
+        """A tracker that fails mid-run (a server or network gone) is dropped with a warning: the run,
+        its history.jsonl and the other trackers go on; the tracker's record stops there."""
+        try:
+            getattr(tracker, method)(argument)
+        except Exception as err:
+            self.trackers.remove(tracker)
+            log(
+                WARNING,
+                "output.trackers: %r stopped recording (%s: %s); the run goes on",
+                tracker.name,
+                type(err).__name__,
+                _first_line(err),
+            )

@@ -358,7 +358,44 @@ def test_wandb_takes_its_project_group_tags_and_mode_from_the_output_section(tmp
     assert not list((disabled / "wandb").glob("offline-run-*"))
 
 
-@pytest.mark.parametrize("override", ["output.wandb_mode='cloud'", "output.project=''", "output.tags='dp'"])
+def test_an_mlflow_run_in_a_folder_with_quotes_in_its_name_resumes_its_own_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / 'it\'s "quoted"'
+    run_dir.mkdir()
+    first = Trackers(["mlflow"])
+    first.start(tiny_config(), run_dir)
+    first.log_round(RECORDS[0])
+    again = Trackers(["mlflow"])
+    again.start(tiny_config(), run_dir, resume=True)
+    for record in RECORDS[1:]:
+        again.log_round(record)
+    again.finish(SUMMARY)
+    run, series = mlflow_run(run_dir / "mlruns")
+    assert series["accuracy"] == [(0, 0.125), (1, 0.5), (2, 0.625)] and run.data.tags["fedlora.run_dir"] == str(run_dir)
+
+
+def test_a_tracker_failing_mid_run_is_dropped_with_a_warning_and_the_others_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    trackers = Trackers(["tensorboard", "mlflow"])
+    trackers.start(tiny_config(), tmp_path)
+
+    def server_gone(self, record) -> None:
+        raise ConnectionError("the tracking server went away")
+
+    monkeypatch.setattr(MlflowTracker, "log_round", server_gone)
+    for record in RECORDS:
+        trackers.log_round(record)
+    trackers.finish(SUMMARY)
+    scalars, _ = tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars["accuracy"] == [(0, 0.125), (1, 0.5), (2, 0.625)]  # the other tracker got every round
+    assert [t.name for t in trackers.trackers] == ["tensorboard"]
+    assert "'mlflow' stopped recording (ConnectionError: the tracking server went away)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["output.wandb_mode='cloud'", "output.project=''", "output.tags='dp'", "output.tags=['a;b']", "output.tags=['group']"],
+)
 def test_tracker_settings_that_cannot_work_are_refused_by_key(override: str) -> None:
     with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[1]):
         tiny_config(override)
