@@ -57,15 +57,26 @@ def runs_from(config_file: Path | None) -> Iterator[None]:
 
 
 def record_start(run_dir: Path, data_fingerprint: str, resume: bool) -> None:
-    """Write metadata.json: a new run's origin; for a resumed run, its origin plus this resume."""
+    """Write metadata.json: a new run's origin; for a resumed run (one that continues from a
+    checkpoint), its origin plus this resume. A resumed run whose data's fingerprint differs
+    from its start's is told in a warning: its rounds were trained on two data sets."""
     path = Path(run_dir) / METADATA
     if not resume:
         write_atomic(path, json.dumps(start_record(data_fingerprint), indent=2))
         return
     recorded = read_metadata(run_dir)
+    if recorded.get("data_fingerprint") not in (None, data_fingerprint):
+        logging.getLogger("flwr").warning(
+            "%s: the data differ from those the run started with (fingerprint %s, now %s): its later rounds train on other data",
+            run_dir,
+            str(recorded["data_fingerprint"])[:12],
+            data_fingerprint[:12],
+        )
+    # A run from before metadata.json existed gets what can still be known, marked as of this resume.
+    known = {key: value for key, value in start_record(data_fingerprint).items() if key not in recorded}
     resumes = recorded.get("resumed") if isinstance(recorded.get("resumed"), list) else []
-    resumes.append({"at": utc_now(), "command": list(sys.argv), "host": host()})
-    write_atomic(path, json.dumps({**recorded, "resumed": resumes}, indent=2))
+    resumes.append({"at": utc_now(), "command": command_line(), "host": host()})
+    write_atomic(path, json.dumps({**known, **recorded, "resumed": resumes}, indent=2))
 
 
 def read_metadata(run_dir: Path) -> dict[str, Any]:
@@ -89,11 +100,29 @@ def start_record(data_fingerprint: str) -> dict[str, Any]:
     return {
         "config_file": str(config_file) if config_file else None,
         "git": git_state(config_file.parent) if config_file else None,
-        "command": list(sys.argv),
+        "command": command_line(),
         "started_at": utc_now(),
         "host": host(),
         "data_fingerprint": data_fingerprint,
     }
+
+
+# Command-line options whose value is a secret: Flower's ServerApp process gets its SuperLink
+# token so; it must not land in summary.json, nor in a tracker's copy of it.
+SECRET_OPTIONS = ("--token",)
+
+
+def command_line() -> list[str]:
+    """This process's command line, with the values of secret options replaced."""
+    args, hidden = list(sys.argv), False
+    for index, arg in enumerate(args):
+        if hidden:
+            args[index], hidden = "<hidden>", False
+        elif arg in SECRET_OPTIONS:
+            hidden = True
+        elif arg.startswith(tuple(f"{option}=" for option in SECRET_OPTIONS)):
+            args[index] = arg.split("=", 1)[0] + "=<hidden>"
+    return args
 
 
 def utc_now() -> str:
@@ -121,11 +150,20 @@ def _git(folder: Path, *args: str) -> str | None:
 
 
 def host() -> dict[str, Any]:
-    """The machine: platform, CPU model and count, the GPUs torch sees."""
-    import torch
+    """The machine: platform, CPU model and count, its GPUs (by nvidia-smi: asking torch would
+    start CUDA in this process, taking GPU memory the client actors count on)."""
+    return {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "gpus": gpu_names()}
 
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    return {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "gpus": gpus}
+
+def gpu_names() -> list[str]:
+    """The GPUs' names as nvidia-smi lists them; [] without NVIDIA GPUs or nvidia-smi."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=GIT_SECONDS
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in done.stdout.splitlines() if line.strip()] if done.returncode == 0 else []
 
 
 def cpu_model() -> str:

@@ -138,6 +138,7 @@ class RunRecorder:
         bytes_up, bytes_down = sum(r.bytes_up for r in self.rounds), sum(r.bytes_down for r in self.rounds)
         causal = {} if final.perplexity is None else {"final_perplexity": final.perplexity}
         summary = {
+            **read_metadata(self.run_dir),  # first: the run's own figures below always win
             "status": "finished",
             "rounds": final.round,
             "initial_accuracy": self.rounds[0].accuracy,
@@ -151,7 +152,6 @@ class RunRecorder:
             "wall_seconds": wall_seconds,
             "adapter": str(self.adapter_dir.resolve()),
             "versions": package_versions(),
-            **read_metadata(self.run_dir),
             **(extra or {}),
         }
         write_atomic(self.run_dir / SUMMARY, json.dumps(summary, indent=2))  # last: it marks the run finished

@@ -303,7 +303,7 @@ class Federation:
         self.stopped: str | None = None  # why the run ended before its last round
         self.trackers = Trackers(config.output.trackers)  # a missing package is refused before anything is written
         self.recorder = RunRecorder(run_dir, config, resume_after=checkpoint.round if checkpoint else None)
-        record_start(run_dir, data_fingerprint(task), resume)
+        record_start(run_dir, data_fingerprint(task), resume=checkpoint is not None)
         self.trackers.start(config, run_dir, resume=checkpoint is not None)
         if checkpoint is None:
             self.first_round, self.elapsed_before = 1, 0.0

@@ -19,7 +19,7 @@ from fedlora import metadata, simulation, workspace
 from fedlora.cli import _round_line
 from fedlora.config import ConfigError
 from fedlora.data import hub
-from fedlora.metadata import METADATA, data_fingerprint, git_state, record_start, runs_from, start_record
+from fedlora.metadata import METADATA, command_line, data_fingerprint, git_state, record_start, runs_from, start_record
 from fedlora.report import ReportError, write_report
 from fedlora.report.reproduce import config_toml
 from fedlora.results import RoundRecord, RunRecorder, read_history, read_summary
@@ -85,20 +85,30 @@ def test_a_new_run_records_its_config_file_commit_command_start_and_host(tmp_pat
     assert outside["config_file"] is None and outside["git"] is None
 
 
-def test_a_resumed_run_keeps_its_start_and_lists_each_resume(tmp_path: Path) -> None:
+def test_a_resumed_run_keeps_its_start_lists_each_resume_and_warns_when_its_data_changed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     record_start(tmp_path, "a" * 64, resume=False)
     first = json.loads((tmp_path / METADATA).read_text())
+    record_start(tmp_path, "a" * 64, resume=True)
+    assert "data differ" not in caplog.text
     record_start(tmp_path, "b" * 64, resume=True)
-    record_start(tmp_path, "b" * 64, resume=True)
+    assert "the data differ from those the run started with (fingerprint aaaaaaaaaaaa, now bbbbbbbbbbbb)" in caplog.text
     after = json.loads((tmp_path / METADATA).read_text())
     assert {k: v for k, v in after.items() if k != "resumed"} == first
     assert [sorted(entry) for entry in after["resumed"]] == [["at", "command", "host"]] * 2
 
 
-def test_a_run_from_before_metadata_resumed_records_the_resume_only(tmp_path: Path) -> None:
+def test_a_run_from_before_metadata_resumed_records_what_can_still_be_known(tmp_path: Path) -> None:
     record_start(tmp_path, "a" * 64, resume=True)
     recorded = json.loads((tmp_path / METADATA).read_text())
-    assert list(recorded) == ["resumed"]
+    assert recorded["data_fingerprint"] == "a" * 64 and recorded["host"] and len(recorded["resumed"]) == 1
+
+
+def test_a_secret_on_the_command_line_is_not_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["flwr-serverapp", "--token", "s3cret", "--run-once", "--token=s3cret2"])
+    assert "s3cret" not in json.dumps(start_record("a" * 64))
+    assert command_line() == ["flwr-serverapp", "--token", "<hidden>", "--run-once", "--token=<hidden>"]
 
 
 def test_the_summary_holds_the_metadata_and_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
