@@ -54,7 +54,7 @@ class _Section(BaseModel):
 
 
 class TinyModelConfig(_Section):
-    """A small BERT built from a config, for tests and quick experiments (random weights)."""
+    """A small model built from a config: random weights for tests, or (classification) pretrained on public data."""
 
     hidden_size: int = Field(32, ge=4, le=MAX_TINY_WIDTH, description="width of the hidden states (a multiple of num_heads)")
     num_layers: int = Field(2, ge=1, le=MAX_TINY_DEPTH, description="transformer layers")
@@ -188,12 +188,22 @@ class ModelConfig(_Section):
         self._resolve_client_ranks()
         if self.name in CAUSAL_MODELS:
             raise ValueError(f"name {self.name!r} is a causal LM; set model.task = 'causal_lm' or use 'minilm' or 'tiny'")
+        self._check_pretraining()
         causal_only = [key for key in ("gradient_checkpointing", "load_in_4bit") if getattr(self, key)]
         if self.dtype != "float32":
             causal_only.append("dtype")
         if causal_only:
             raise ValueError(f"{', '.join(causal_only)}: only for model.task = 'causal_lm'")
         return self
+
+    def _check_pretraining(self) -> None:
+        """Refuse pretraining keys that would have no effect (only the tiny classifier is pretrained)."""
+        if not self.tiny.pretrain_steps:
+            return
+        if self.name != "tiny":
+            raise ValueError(f"tiny.pretrain_steps: only the 'tiny' classifier is pretrained, not {self.name!r}; remove it")
+        if not self.pretrained:
+            raise ValueError("tiny.pretrain_steps with pretrained = false: choose one (random weights, or pretrained)")
 
     @property
     def causal(self) -> bool:
@@ -540,6 +550,18 @@ class ExperimentConfig(_Section):
                 )
         if self.model.causal and self.attack.name == "label_flip":
             raise ValueError("attack.name: label_flip flips class labels; a causal LM has none (use a model-poisoning attack)")
+        unused = [
+            key
+            for key, needs in (("wandb_mode", "wandb"), ("wandb_entity", "wandb"), ("mlflow_uri", "mlflow"))
+            # Against the default, not "was it given": a dumped and re-read config gives every key.
+            if getattr(self.output, key) != OutputConfig.model_fields[key].default and needs not in self.output.trackers
+        ]
+        if unused:
+            raise ValueError(f"output.{unused[0]}: its tracker is not in output.trackers; add it there, or remove the key")
+        if self.model.causal and self.data.corpus != CorpusConfig():
+            raise ValueError(
+                "[data.corpus] sets the built-in classification corpus; a causal LM's built-in data is the instruction task"
+            )
         if self.model.gradient_checkpointing and self.privacy.enabled:
             # Opacus records each layer's activations in forward hooks; recomputing them in the
             # backward pass would record them twice.

@@ -249,7 +249,7 @@ def check_model_available(model: ModelConfig) -> None:
     from huggingface_hub.errors import RepositoryNotFoundError
 
     builtins = TINY_CAUSAL if model.causal else (BUILTIN_MODEL, TINY_MODEL)
-    if model.name in builtins or Path(model.name).expanduser().exists():
+    if model.name in builtins or Path(model.name).exists():  # as the loaders read it: no ~ expansion
         return
     if not model.causal:
         model_source(model)  # a classifier's name that is not even a hub id is refused there

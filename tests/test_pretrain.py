@@ -117,3 +117,19 @@ def test_a_section_of_another_source_read_back_from_its_dump_is_accepted(tmp_pat
     table.write_text("text,label\na,x\nb,y\n")
     data = config_from_dict({"data": {"source": str(table)}}).data
     assert type(data).model_validate_json(data.model_dump_json()) == data  # as workspace caches re-read it
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("model.name='minilm'", "model.tiny.pretrain_steps=5"), "only the 'tiny' classifier is pretrained"),
+        (("model.pretrained=false", "model.tiny.pretrain_steps=5"), "choose one"),
+        (("output.wandb_mode='online'",), "output.wandb_mode: its tracker is not in output.trackers"),
+        (("output.mlflow_uri='http://tracking:5000'",), "output.mlflow_uri: its tracker is not in output.trackers"),
+    ],
+)
+def test_settings_that_would_have_no_effect_are_refused_by_key(overrides: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(*overrides)
+    read_back = tiny_config("model.tiny.pretrain_steps=5", "output.trackers=['mlflow']")
+    assert type(read_back).model_validate_json(read_back.model_dump_json()) == read_back
