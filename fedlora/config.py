@@ -400,7 +400,8 @@ class StrategyConfig(_Section):
     name: str = Field(
         "fedit",
         description="the aggregation strategy (`fedlora strategies` lists them): fedit, ffa_lora, fedsvd, lora_fair, "
-        "flora, flexlora, fedex_lora, fedsa_lora, rolora",
+        "flora, flexlora, fedex_lora, fedsa_lora, rolora; or an outside class, package.module:Class, or an installed entry "
+        "point (docs/extending.md)",
     )
     svd_period: int = Field(1, ge=1, description="fedsvd: refactorize every this many rounds")
     fair_lambda: float = Field(0.01, ge=0, description="lora_fair: weight of ||dB|| in the correction")
@@ -410,7 +411,7 @@ class StrategyConfig(_Section):
     robust: str = Field(
         "none",
         description="robust aggregation wrapped around the strategy: none, zprobe (the paper's rule), zprobe_refined, "
-        "krum, multikrum, bulyan, median, trimmed_mean, centered_clipping, rfa",
+        "krum, multikrum, bulyan, median, trimmed_mean, centered_clipping, rfa; or an outside class (docs/extending.md)",
     )
     phi_max: float = Field(
         0.25,
@@ -475,7 +476,8 @@ class AttackConfig(_Section):
     name: str = Field(
         "none",
         description="none; a model-poisoning attack the adversary applies to the malicious clients' replies "
-        "(sign_flip, scaling, gaussian_noise, alie, non_omniscient, ipm, min_max, adaptive); or label_flip (data poisoning)",
+        "(sign_flip, scaling, gaussian_noise, alie, non_omniscient, ipm, min_max, adaptive, or an outside function: "
+        "docs/extending.md); or label_flip (data poisoning)",
     )
     fraction: float = Field(
         0.0, ge=0, lt=1, description="the malicious share of all clients, chosen from the seed, fixed for the run"
