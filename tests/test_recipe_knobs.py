@@ -13,13 +13,15 @@ from torch import nn
 from transformers.optimization import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 import clients.trainer as trainer
-from clients.trainer import TrainPlan, backward_batch, batch_indices, lr_factor, train_local
+from clients.trainer import TrainPlan, backward_batch, batch_indices, lr_factor, train_local, train_local_private
 from fedlora import workspace
+from fedlora.accounting import dp_settings, plan_clients
 from fedlora.config import ConfigError
 from fedlora.data.instruct import IGNORE_INDEX, CausalExamples
 from fedlora.interrupt import RunInterrupted
 from fedlora.lora import LoraState
 from fedlora.model import seeded
+from fedlora.privacy import PrivacyLedger
 from fedlora.results import read_history
 from fedlora.server import train_config
 from fedlora.task import build_lora_model
@@ -109,6 +111,21 @@ def test_training_steps_at_the_scheduled_rates_warmup_included(monkeypatch: pyte
     lr = config.federation.lr
     expected = [lr * s / 4 for s in range(4)] + [lr * 0.5 * (1 + math.cos(math.pi * p / 2)) for p in (0, 1)]
     assert seen == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+def test_dp_sgd_steps_at_the_scheduled_rates_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tiny_config(
+        "privacy.enabled=true", "privacy.epsilon=8.0", "federation.lr_schedule='linear'", "federation.warmup_steps=2"
+    )
+    seen = recorded_lrs(monkeypatch)  # Opacus' optimizer steps through the one make_optimizer made
+    examples = workspace.client_examples(config, 0)
+    sizes = {client: len(part.labels) for client, part in enumerate(workspace.federated_task(config).partitions)}
+    plan = plan_clients(config, sizes)[0]
+    ledger = PrivacyLedger(config.privacy.accountant, plan.noise_multiplier, plan.sample_rate)
+    train = TrainPlan.from_config(train_message(config, server_round=2), seed=1)
+    train_local_private(build_lora_model(config.model, 8, config.seed), examples, train, dp_settings(config), ledger)
+    lr = config.federation.lr
+    assert seen == pytest.approx([lr * (1 - p / 4) for p in (1, 2, 3)], rel=1e-12, abs=0)  # the run's steps 3, 4, 5 of 6
 
 
 # --- defaults: training as before ---
