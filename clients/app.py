@@ -79,17 +79,7 @@ def handle_train(message: Message, context: Context, experiment: ExperimentConfi
     model = workspace.lora_model(experiment, int(config["num-labels"]), experiment.model.rank_of(client_id))
     broadcast = LoraState.from_array_record(message.content[ARRAYS_KEY])
     broadcast.load_into(model)
-    plan = TrainPlan(
-        trains=str(config["train-factors"]),
-        train_head=bool(config["train-head"]),
-        local_steps=int(config["local-steps"]),
-        lr=float(config["lr"]),
-        batch_size=int(config["batch-size"]),
-        seed=derive_seed(experiment.seed, client_id, server_round),
-        optimizer=str(config.get("optimizer", "adamw")),
-        momentum=float(config.get("momentum", 0.0)),
-        weight_decay=float(config.get("weight-decay", 0.0)),
-    )
+    plan = TrainPlan.from_config(config, seed=derive_seed(experiment.seed, client_id, server_round))
     metrics: dict[str, float] = {"num-examples": len(examples)}
     info = ConfigRecord({"a-digest": broadcast.digest("A"), "client-id": client_id})
     settings = DPSettings.from_config(config)

@@ -46,6 +46,10 @@ num_classes - 1 - y. Which clients are malicious is fixed for the whole run by
 clients to flip their labels (data poisoning) or rewrites their updates (model poisoning)
 before the server's defence sees them; for `adaptive` the server hands it the round's defence
 and weights (`rewrite`). Only the run's records read who was malicious.
+
+An attack from outside the package (`model_attack`; fedlora/plugins.py, docs/extending.md): a
+function of the signature above, its options keyword-only, named by import path
+("package.module:function") or as an entry point in the group fedlora.attacks.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from fedlora.plugins import PluginError, load_plugin
 from fedlora.seeds import derive_seed
 
 ModelAttack = Callable[..., Tensor]
@@ -351,17 +356,35 @@ MODEL_ATTACKS: dict[str, ModelAttack] = {
 
 def attack_parameters(name: str) -> dict[str, Any]:
     """The keyword parameters an attack accepts, with their defaults."""
-    attack = _lookup(name)
+    return keyword_parameters(_lookup(name))
+
+
+def keyword_parameters(attack: ModelAttack) -> dict[str, Any]:
+    """An attack function's keyword-only parameters (its options), with their defaults."""
     return {p.name: p.default for p in inspect.signature(attack).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def _lookup(name: str) -> ModelAttack:
-    try:
+def model_attack(name: str) -> ModelAttack | None:
+    """The model attack a name refers to: a built-in one, or a function from outside the package
+    (fedlora/plugins.py); None for any other name. A PluginError (a ValueError) says why an
+    outside one cannot be had."""
+    if name in MODEL_ATTACKS:
         return MODEL_ATTACKS[name]
-    except KeyError:
+    if name in ATTACK_NAMES:  # none, or a data attack
+        return None
+    found = load_plugin("attack.name", name)
+    if found is not None and not callable(found):
+        raise PluginError(f"attack.name: {name!r} is a {type(found).__name__}, not a function; see docs/extending.md")
+    return found
+
+
+def _lookup(name: str) -> ModelAttack:
+    attack = model_attack(name)
+    if attack is None:
         known = ", ".join([*MODEL_ATTACKS, "label_flip"])
         hint = " (label_flip is data poisoning: use flip_labels on the training labels)" if name == "label_flip" else ""
-        raise ValueError(f"unknown model attack {name!r}{hint}; known: {known}") from None
+        raise ValueError(f"unknown model attack {name!r}{hint}; known: {known}")
+    return attack
 
 
 def apply_model_attack(
@@ -422,9 +445,13 @@ ATTACK_NAMES = (NO_ATTACK, *MODEL_ATTACKS, *DATA_ATTACKS)
 
 def check_attack(name: str, options: Mapping[str, Any]) -> None:
     """Raise ValueError for an unknown attack or an option it does not take (config validation)."""
-    if name not in ATTACK_NAMES:
-        raise ValueError(f"unknown attack {name!r} (known: {', '.join(ATTACK_NAMES)})")
-    allowed = attack_parameters(name) if name in MODEL_ATTACKS else {}
+    attack = model_attack(name)
+    if attack is None and name not in ATTACK_NAMES:
+        raise ValueError(
+            f"unknown attack {name!r} (known: {', '.join(ATTACK_NAMES)}; or an outside function as package.module:function, "
+            "or an installed entry point: docs/extending.md)"
+        )
+    allowed = keyword_parameters(attack) if attack is not None else {}
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"attack {name!r} takes no option {', '.join(unknown)} (allowed: {', '.join(allowed) or 'none'})")
@@ -451,6 +478,7 @@ class Adversary:
         self.name = name
         self.options = dict(options)
         self.seed = seed
+        self.attack = model_attack(name)  # None: no attack, or a data attack
         active = name != NO_ATTACK
         self.malicious = frozenset(choose_malicious(num_clients, fraction, derive_seed(seed, "malicious")) if active else [])
 
@@ -478,7 +506,7 @@ class Adversary:
         bad = sorted(c for c in updates if c in self.malicious)
         honest = [updates[c] for c in sorted(updates) if c not in self.malicious]
         too_few = len(honest) < _MIN_HONEST.get(self.name, 0) or len(bad) < _MIN_OWN.get(self.name, 1)
-        if self.name not in MODEL_ATTACKS or not bad or too_few:
+        if self.attack is None or not bad or too_few:
             return {}
         own = torch.stack([updates[c] for c in bad])
         honest_matrix = torch.stack(honest) if honest else own[:0]

@@ -130,11 +130,11 @@ def build_causal_base(config: ModelConfig, seed: int) -> PreTrainedModel:
 
 
 def causal_lora_config(config: ModelConfig, model_type: str) -> LoraConfig:
-    """peft's causal-LM adapter config: rank, alpha, target modules (peft's default for the architecture if unset)."""
+    """peft's causal-LM adapter config: rank, alpha, dropout, target modules (peft's default for the architecture if unset)."""
     return LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
-        lora_dropout=0.0,
+        lora_dropout=config.lora_dropout,
         target_modules=list(config.target_modules or default_target_modules(model_type)),
         task_type=TaskType.CAUSAL_LM,
         # Conv1D stores its weight transposed: peft must apply B A transposed (it would warn and set it).

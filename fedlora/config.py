@@ -111,6 +111,9 @@ class ModelConfig(_Section):
     max_length: int = Field(64, ge=8, le=4096, description="tokens per example; longer texts are cut")
     lora_rank: int = Field(8, ge=1, le=MAX_LORA_RANK, description="LoRA rank r of every adapted layer")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; the adapter's scaling is alpha / r")
+    lora_dropout: float = Field(
+        0.0, ge=0, lt=1, description="dropout on the LoRA branch's input while training (peft's lora_dropout; 0: none)"
+    )
     client_ranks: list[int] | None = Field(
         None,
         min_length=1,
@@ -332,7 +335,23 @@ class FederationConfig(_Section):
     batch_size: int = Field(
         16, ge=1, le=MAX_EXAMPLES, description="examples per local step (the expected size, under DP's Poisson sampling)"
     )
-    lr: float = Field(5e-4, gt=0, description="the clients' learning rate")
+    lr: float = Field(5e-4, gt=0, description="the clients' learning rate (the peak, under a schedule)")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        description="the learning rate over the run's rounds x local_steps steps, after warmup_steps: constant, linear "
+        "decay to 0 or cosine decay to 0 (transformers' schedules). A client's step in round t is (t - 1) x local_steps + "
+        "its local step (from 0), whichever rounds it was sampled for (clients/trainer.py)",
+    )
+    warmup_steps: int = Field(
+        0, ge=0, le=MAX_ROUNDS * MAX_LOCAL_STEPS, description="steps of linear warmup from 0 to lr, counted like lr_schedule's"
+    )
+    grad_accumulation: int = Field(
+        1,
+        ge=1,
+        le=MAX_EXAMPLES,
+        description="micro-batches each local step's batch is split into, their gradients summed before the optimizer "
+        "step: the same step (to rounding) with a micro-batch's memory; not with privacy.enabled",
+    )
     optimizer: Literal["adamw", "sgd"] = Field(
         "adamw",
         description='the clients\' optimizer, fresh every round: "adamw" or "sgd" (as the official FFA-LoRA and FedSVD scripts use)',
@@ -366,6 +385,24 @@ class FederationConfig(_Section):
             raise ValueError(f"min_replies ({self.min_replies}) must be at most clients_per_round ({self.clients_per_round})")
         return self
 
+    @model_validator(mode="after")
+    def _recipe_fits(self) -> FederationConfig:
+        if self.warmup_steps > self.training_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be at most the run's rounds x local_steps ({self.training_steps})"
+            )
+        if self.grad_accumulation > self.batch_size:
+            raise ValueError(
+                f"grad_accumulation ({self.grad_accumulation}) must be at most batch_size ({self.batch_size}): "
+                "each micro-batch holds at least one example"
+            )
+        return self
+
+    @property
+    def training_steps(self) -> int:
+        """The steps the learning-rate schedule spans: rounds x local_steps."""
+        return self.rounds * self.local_steps
+
 
 class StrategyConfig(_Section):
     """Aggregation strategy and its options (each option is read by the strategy named)."""
@@ -373,7 +410,8 @@ class StrategyConfig(_Section):
     name: str = Field(
         "fedit",
         description="the aggregation strategy (`fedlora strategies` lists them): fedit, ffa_lora, fedsvd, lora_fair, "
-        "flora, flexlora, fedex_lora, fedsa_lora, rolora",
+        "flora, flexlora, fedex_lora, fedsa_lora, rolora; or an outside class, package.module:Class, or an installed entry "
+        "point (docs/extending.md)",
     )
     svd_period: int = Field(1, ge=1, description="fedsvd: refactorize every this many rounds")
     fair_lambda: float = Field(0.01, ge=0, description="lora_fair: weight of ||dB|| in the correction")
@@ -383,7 +421,7 @@ class StrategyConfig(_Section):
     robust: str = Field(
         "none",
         description="robust aggregation wrapped around the strategy: none, zprobe (the paper's rule), zprobe_refined, "
-        "krum, multikrum, bulyan, median, trimmed_mean, centered_clipping, rfa",
+        "krum, multikrum, bulyan, median, trimmed_mean, centered_clipping, rfa; or an outside class (docs/extending.md)",
     )
     phi_max: float = Field(
         0.25,
@@ -448,7 +486,8 @@ class AttackConfig(_Section):
     name: str = Field(
         "none",
         description="none; a model-poisoning attack the adversary applies to the malicious clients' replies "
-        "(sign_flip, scaling, gaussian_noise, alie, non_omniscient, ipm, min_max, adaptive); or label_flip (data poisoning)",
+        "(sign_flip, scaling, gaussian_noise, alie, non_omniscient, ipm, min_max, adaptive, or an outside function: "
+        "docs/extending.md); or label_flip (data poisoning)",
     )
     fraction: float = Field(
         0.0, ge=0, lt=1, description="the malicious share of all clients, chosen from the seed, fixed for the run"
@@ -468,6 +507,13 @@ class OutputConfig(_Section):
 
     dir: str = Field("runs", description="where run directories go (relative to the current directory)")
     name: str | None = Field(None, description="the run directory's name (none: <strategy>-<timestamp>)")
+    adapter_every: int = Field(
+        0,
+        ge=0,
+        le=MAX_ROUNDS,
+        description="also write the adapter every this many rounds, as adapter-rounds/round-N/ beside adapter/ "
+        "(the same folder; 0: only the final adapter)",
+    )
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list,
         description='experiment trackers fed every history line, offline, into the run directory: "tensorboard", '
@@ -561,6 +607,12 @@ class ExperimentConfig(_Section):
         if self.model.causal and self.data.corpus != CorpusConfig():
             raise ValueError(
                 "[data.corpus] sets the built-in classification corpus; a causal LM's built-in data is the instruction task"
+            )
+        if self.federation.grad_accumulation > 1 and self.privacy.enabled:
+            # Opacus clips and noises the whole Poisson-sampled batch at its optimizer step; split
+            # into micro-batches it would need its virtual steps, which this trainer does not take.
+            raise ValueError(
+                "federation.grad_accumulation: not with DP-SGD (privacy.enabled); set grad_accumulation = 1 or turn privacy off"
             )
         if self.model.gradient_checkpointing and self.privacy.enabled:
             # Opacus records each layer's activations in forward hooks; recomputing them in the

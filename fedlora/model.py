@@ -162,11 +162,11 @@ def _tiny_bert_config(config: ModelConfig, num_labels: int) -> BertConfig:
 
 
 def lora_config(config: ModelConfig) -> LoraConfig:
-    """The peft adapter config for the configured rank, alpha and target modules."""
+    """The peft adapter config for the configured rank, alpha, dropout and target modules."""
     return LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
-        lora_dropout=0.0,
+        lora_dropout=config.lora_dropout,
         target_modules=list(config.target_modules),
         # No task_type: peft's SEQ_CLS would make the head trainable even when it must not be.
         modules_to_save=[HEAD_MODULE] if config.train_head else None,

@@ -7,6 +7,7 @@
 <run_dir>/metadata.json     where the run came from: config file and its git commit, command,
                             start (and resume) times, host, data fingerprint
 <run_dir>/adapter/          the final adapter in peft's format
+<run_dir>/adapter-rounds/round-N/   the same folder after round N, every output.adapter_every rounds
 <run_dir>/checkpoint.pt     the last finished round: global factors, privacy ledgers,
                             elapsed time (a resumed run continues from it)
 <run_dir>/report/           the one-run report `fedlora simulate` and `flwr run` write at the end
@@ -33,6 +34,7 @@ HISTORY = "history.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.json"
 ADAPTER = "adapter"
+ROUND_ADAPTERS = "adapter-rounds"
 CHECKPOINT = "checkpoint.pt"
 RUN_REPORT_DIR = "report"
 PACKAGES = ("fedlora", "torch", "flwr", "ray", "opacus", "transformers", "peft")
@@ -123,6 +125,12 @@ class RunRecorder:
     def adapter_dir(self) -> Path:
         """Where the final adapter goes."""
         return self.run_dir / ADAPTER
+
+    def round_adapter_dir(self, server_round: int) -> Path:
+        """Where the adapter after `server_round` goes (output.adapter_every)."""
+        folder = self.run_dir / ROUND_ADAPTERS
+        folder.mkdir(exist_ok=True)
+        return folder / f"round-{server_round}"
 
     def record(self, record: RoundRecord) -> None:
         """Append one round to history.jsonl."""

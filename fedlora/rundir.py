@@ -35,7 +35,7 @@ RUN_FILES = (
     "error.txt",
     "metadata.json",
 )
-RUN_FOLDERS = ("adapter", "adapter.partial", "report", "tensorboard", "mlruns", "wandb")
+RUN_FOLDERS = ("adapter", "adapter.partial", "adapter-rounds", "report", "tensorboard", "mlruns", "wandb")
 
 # Locks this process holds, by resolved path: the CLI takes a run's lock before its checks and
 # the server, in the same process, finds it held instead of locking itself out.

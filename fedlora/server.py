@@ -184,6 +184,10 @@ def train_config(config: ExperimentConfig, num_labels: int) -> ConfigRecord:
             "optimizer": federation.optimizer,
             "momentum": federation.momentum,
             "weight-decay": federation.weight_decay,
+            "lr-schedule": federation.lr_schedule,
+            "warmup-steps": federation.warmup_steps,
+            "schedule-steps": federation.training_steps,
+            "grad-accumulation": federation.grad_accumulation,
             "num-labels": num_labels,
         }
     )
@@ -336,11 +340,9 @@ class Federation:
             if not self.can_continue(server_round):
                 break
             self.emit(self.train_round(server_round))
+            self.save_round_adapter(server_round)
             self.save_checkpoint(server_round)
-        self.state.load_into(self.model)
-        export(
-            self.config, self.model, self.recorder.adapter_dir, workspace.tokenizer(self.config), self.class_names, self.figures()
-        )
+        self.write_adapter(self.recorder.adapter_dir)
         summary = self.recorder.finish(
             self.elapsed(),
             {
@@ -357,6 +359,18 @@ class Federation:
         )
         self.trackers.finish(summary)
         return summary
+
+    def write_adapter(self, folder: Path) -> None:
+        """The global state as the adapter folder of the task (fedlora/export.py), its card at the last recorded round."""
+        self.state.load_into(self.model)
+        export(self.config, self.model, folder, workspace.tokenizer(self.config), self.class_names, self.figures())
+
+    def save_round_adapter(self, server_round: int) -> None:
+        """Every output.adapter_every rounds, the adapter as it stands. Written before the round's checkpoint: a resume
+        redoes (and rewrites) a round whose folder may be there, never skips one whose folder is missing."""
+        every = self.config.output.adapter_every
+        if every and server_round % every == 0:
+            self.write_adapter(self.recorder.round_adapter_dir(server_round))
 
     def figures(self) -> RunFigures:
         """The run as the adapter's model card summarizes it."""

@@ -3,12 +3,15 @@
 `STRATEGIES` maps a config's `strategy.name` to its class, `DEFENCES` its `strategy.robust` to
 a robust rule; `build_strategy` makes the strategy, with its defence, from an experiment config.
 To add a strategy: write a module with a `LoraStrategy` subclass and list it below (a defence:
-a `Defence` subclass).
+a `Defence` subclass). Without changing the package: name an outside class by import path
+("package.module:Class") or as an entry point of an installed package (fedlora/plugins.py,
+docs/extending.md); built-in names win.
 """
 
 from __future__ import annotations
 
 from fedlora.config import ConfigError, ExperimentConfig, StrategyConfig
+from fedlora.plugins import PluginError, plugin_class
 from fedlora.roster import Roster
 from strategies.base import LoraStrategy
 from strategies.bucketing import BucketingDefence, bucket_phi
@@ -53,21 +56,37 @@ DEFENCES: dict[str, type[Defence]] = {
 
 def strategy_class(name: str) -> type[LoraStrategy]:
     """The registered class for a name; a ConfigError listing the names otherwise."""
-    try:
+    if name in STRATEGIES:
         return STRATEGIES[name]
-    except KeyError:
-        raise ConfigError(f"strategy.name: unknown strategy {name!r} (known: {', '.join(STRATEGIES)})") from None
+    found = outside_class("strategy.name", name, LoraStrategy)
+    if found is None:
+        raise ConfigError(f"strategy.name: unknown strategy {name!r} (known: {', '.join(STRATEGIES)}; {OUTSIDE})")
+    return found
 
 
 def defence_class(name: str) -> type[Defence] | None:
     """The registered defence for a name (None for "none"); a ConfigError listing the names otherwise."""
     if name == NO_DEFENCE:
         return None
-    try:
+    if name in DEFENCES:
         return DEFENCES[name]
-    except KeyError:
+    found = outside_class("strategy.robust", name, Defence)
+    if found is None:
         known = ", ".join([NO_DEFENCE, *DEFENCES])
-        raise ConfigError(f"strategy.robust: unknown defence {name!r} (known: {known})") from None
+        raise ConfigError(f"strategy.robust: unknown defence {name!r} (known: {known}; {OUTSIDE})")
+    return found
+
+
+# What an unknown name's message says besides the built-in names.
+OUTSIDE = "or an outside class as package.module:Class, or an installed entry point: docs/extending.md"
+
+
+def outside_class(key: str, name: str, base: type) -> type | None:
+    """A strategy or defence from outside the package (fedlora/plugins.py); None for an unknown name."""
+    try:
+        return plugin_class(key, name, base)
+    except PluginError as err:
+        raise ConfigError(str(err)) from None
 
 
 def build_strategy(config: ExperimentConfig, roster: Roster) -> LoraStrategy:
