@@ -38,7 +38,7 @@ def class_figures(confusion: list[list[int]], class_names: list[str]) -> dict[st
 def accuracy_spread(accuracies: dict[str, float]) -> dict[str, Any]:
     """How the clients' accuracies spread: their plain mean (each client counts once), the worst
     decile's mean, the minimum and whose it is."""
-    ranked = sorted(accuracies.items(), key=lambda item: (item[1], item[0]))
+    ranked = sorted(accuracies.items(), key=lambda item: (item[1], len(item[0]), item[0]))  # ties: the lowest client id
     worst = [accuracy for _, accuracy in ranked[: max(1, math.ceil(len(ranked) * WORST_SHARE))]]
     return {
         "clients": len(ranked),
