@@ -3,7 +3,9 @@ claim, the per-class figures of the server's held-out set, the records and the r
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +20,7 @@ from fedlora import workspace
 from fedlora.client_eval import ClientEvaluation, claimed_figures, holdout_size, split_holdout
 from fedlora.eval_figures import accuracy_spread, class_figures
 from fedlora.model import classify, confusion_matrix, evaluate
-from fedlora.report import write_report
+from fedlora.report import ReportError, write_report
 from fedlora.results import read_history, read_summary
 from fedlora.server import run_federation
 from tests.conftest import reply_from, tiny_config
@@ -306,3 +308,29 @@ def test_a_ray_simulation_records_each_clients_evaluation_and_reports_it(tmp_pat
     assert "## Per-client and per-class evaluation" in page and "| true \\ predicted |" in page
     for figure in (spread["accuracy_mean"], spread["accuracy_worst_decile"], summary["held_out"]["macro_f1"]):
         assert f"{figure:.4f}" in page
+
+
+@pytest.mark.parametrize(
+    ("file", "damage", "said"),
+    [
+        ("summary.json", lambda s: s["held_out"]["confusion_matrix"].pop(), "'held_out.confusion_matrix' is not a 8 x 8 table"),
+        ("summary.json", lambda s: s["label_mix"]["clients"].update({"x": [1]}), "'label_mix.clients' is not 8 counts"),
+        ("history.jsonl", lambda h: h["extra"]["client_eval"]["0"].update(accuracy=1.5), "'extra.client_eval.0' is"),
+    ],
+)
+def test_a_damaged_evaluation_record_stops_the_report_in_one_line(
+    evaluated_run: Path, tmp_path: Path, file, damage, said
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run)
+    if file == "summary.json":
+        summary = json.loads((run / file).read_text())
+        damage(summary)
+        (run / file).write_text(json.dumps(summary))
+    else:
+        lines = [json.loads(line) for line in (run / file).read_text().splitlines()]
+        damage(lines[-1])
+        (run / file).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(ReportError) as raised:
+        write_report([run], tmp_path / "report")
+    assert said in str(raised.value) and "\n" not in str(raised.value) and str(run / file) in str(raised.value)

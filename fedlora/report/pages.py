@@ -163,11 +163,11 @@ def page_blocks(comparison: Comparison, plots: set[str], base_toml: str) -> list
                 Block("p", PRIVACY_INTRO),
                 Block("table", table=privacy_table(comparison)),
             ]
-    blocks += _evaluation_blocks(comparison)
     blocks += [Block("h2", "Runs"), Block("table", table=runs_table(comparison))]
     if comparison.excluded:
         rows = [[str(e.path), e.reason] for e in comparison.excluded]
         blocks += [Block("h2", "Not included"), Block("table", table=Table(["run directory", "why"], rows, {0, 1}))]
+    blocks += _evaluation_blocks(comparison)
     versions, mixed = versions_table(comparison)
     blocks += [
         Block("h2", "Reproduce"),
