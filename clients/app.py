@@ -8,8 +8,10 @@ Handlers:
   cumulative epsilon), its privacy ledger and the digest of the A it used; a client whose
   budget cannot afford the round, or whose data does not match the instructed sample rate,
   replies `refused` instead;
-- evaluate: accuracy and loss of the broadcast state on the client's own examples (a causal
-  LM's: exact match of greedy generations, token loss and perplexity; fedlora/task.py).
+- evaluate: accuracy and loss of the broadcast (global) state on the client's held-out share of
+  its examples (a causal LM's: exact match of greedy generations, token loss and perplexity;
+  fedlora/task.py), which it never trains on; it exists only while `evaluation.clients` > 0
+  (fedlora/client_eval.py), else the client replies `refused`.
 
 In simulation the experiment config comes from `build_client_app(config)`; deployed with
 `flwr run`, the module-level `app` reads it from the run config (see pyproject.toml). A deployed
@@ -27,13 +29,14 @@ from flwr.clientapp import ClientApp
 from clients.trainer import TrainPlan, train_local, train_local_private
 from fedlora import workspace
 from fedlora.attacks import flip_labels
+from fedlora.client_eval import split_holdout
 from fedlora.config import ExperimentConfig, experiment_from_run_config
 from fedlora.lora import LoraState
 from fedlora.model import seeded
 from fedlora.node import node_experiment
 from fedlora.privacy import DPInstruction, DPSettings, PrivacyLedger, sample_rate
 from fedlora.seeds import derive_seed
-from fedlora.task import evaluate
+from fedlora.task import Encoded, evaluate
 from fedlora.threads import client_cpus, use_threads
 
 ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, INFO_KEY = "arrays", "config", "metrics", "info"
@@ -52,10 +55,15 @@ def client_id_of(context: Context) -> int:
     raise ValueError("node config has neither partition-id nor client-id")
 
 
+def own_examples(experiment: ExperimentConfig, client_id: int) -> tuple[Encoded, Encoded | None]:
+    """What this client trains on (and declares), and its held-out share (None with evaluation off)."""
+    return split_holdout(workspace.client_examples(experiment, client_id), experiment, client_id)
+
+
 def handle_query(message: Message, context: Context, experiment: ExperimentConfig) -> Message:
     """Identify this client to the server."""
     client_id = client_id_of(context)
-    examples = workspace.client_examples(experiment, client_id)
+    examples, _ = own_examples(experiment, client_id)
     return Message(
         RecordDict(
             {
@@ -72,7 +80,7 @@ def handle_train(message: Message, context: Context, experiment: ExperimentConfi
     client_id = client_id_of(context)
     config = message.content[CONFIG_KEY]
     server_round = int(config["server-round"])
-    examples = workspace.client_examples(experiment, client_id)
+    examples, _ = own_examples(experiment, client_id)
     if config.get("poison-labels", False):  # a simulated malicious client (label flipping)
         examples = replace(examples, labels=flip_labels(examples.labels, int(config["num-labels"])))
     # The adapter at this client's own rank (model.client_ranks); the server sends factors of that rank.
@@ -151,12 +159,14 @@ def refusal(message: Message, metrics: dict[str, float], info: ConfigRecord, led
 
 
 def handle_evaluate(message: Message, context: Context, experiment: ExperimentConfig) -> Message:
-    """Evaluate the broadcast state on this client's own examples."""
+    """Evaluate the broadcast state on this client's held-out share, or refuse where it holds none."""
     client_id = client_id_of(context)
     config = message.content[CONFIG_KEY]
-    examples = workspace.client_examples(experiment, client_id)
-    if config.get("poison-labels", False):  # a simulated malicious client (label flipping)
-        examples = replace(examples, labels=flip_labels(examples.labels, int(config["num-labels"])))
+    _, examples = own_examples(experiment, client_id)
+    if examples is None:
+        reason = "no held-out share: evaluation.clients is 0, or the client has a single example"
+        content = RecordDict({METRICS_KEY: MetricRecord({"refused": 1.0}), INFO_KEY: ConfigRecord({"refused-reason": reason})})
+        return Message(content, reply_to=message)
     model = workspace.lora_model(experiment, int(config["num-labels"]))
     LoraState.from_array_record(message.content[ARRAYS_KEY]).load_into(model)
     scores = evaluate(experiment, model, examples, workspace.tokenizer(experiment))

@@ -502,6 +502,32 @@ class AttackConfig(_Section):
         return self
 
 
+class EvaluationConfig(_Section):
+    """Clients evaluating the global model on a held-out share of their own data (fedlora/client_eval.py)."""
+
+    clients: int = Field(
+        0,
+        ge=0,
+        le=MAX_ROUNDS,
+        description="0: off (clients train on all their examples and never evaluate); N: after every N-th round and the "
+        "last, clients evaluate the global model on their held-out share and the history records each one's accuracy, "
+        "loss and examples. Those figures are the clients' claims (bounded and checked, never used to aggregate) and "
+        "are not covered by DP-SGD's guarantee",
+    )
+    participants: Literal["all", "sampled"] = Field(
+        "all",
+        description='who evaluates: "all" clients of the federation (retired ones too: evaluating trains nothing) or '
+        'the round\'s "sampled" ones',
+    )
+    holdout: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="the share of each client's examples held out from its training (seeded per client; at least one "
+        "example, and at least one left to train), only while clients > 0",
+    )
+
+
 class OutputConfig(_Section):
     """Where runs are written, and which experiment trackers also record them."""
 
@@ -560,6 +586,7 @@ class ExperimentConfig(_Section):
     strategy: StrategyConfig = Field(default_factory=StrategyConfig, description=StrategyConfig.__doc__)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description=PrivacyConfig.__doc__)
     attack: AttackConfig = Field(default_factory=AttackConfig, description=AttackConfig.__doc__)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description=EvaluationConfig.__doc__)
     output: OutputConfig = Field(default_factory=OutputConfig, description=OutputConfig.__doc__)
 
     @model_validator(mode="before")

@@ -190,18 +190,44 @@ def load_exported_adapter(config: ModelConfig, num_labels: int, seed: int, folde
     return PeftModel.from_pretrained(base, str(folder), config=lora_config(config))
 
 
+@dataclass(frozen=True)
+class ClassifierScores:
+    """A classifier's held-out figures: accuracy, mean cross-entropy and the confusion matrix
+    (confusion[true][predicted], counts of examples)."""
+
+    accuracy: float
+    loss: float
+    confusion: list[list[int]]
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: EncodedExamples, batch_size: int = 128) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy loss) of the model on the examples."""
+def classify(model: torch.nn.Module, data: EncodedExamples, batch_size: int = 128) -> ClassifierScores:
+    """Accuracy, mean cross-entropy loss and confusion matrix of the model on the examples (one pass)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    correct, loss_sum = 0, 0.0
+    loss_sum, num_labels = 0.0, 0
+    predictions, truths = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
     for start in range(0, len(data), batch_size):
         batch = {k: v.to(device) for k, v in data.batch(torch.arange(start, min(start + batch_size, len(data)))).items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        correct += int((logits.argmax(dim=-1) == labels).sum().item())
+        predictions.append(logits.argmax(dim=-1).cpu())
+        truths.append(labels.cpu())
+        num_labels = logits.shape[-1]
     model.train(was_training)
-    return correct / max(len(data), 1), loss_sum / max(len(data), 1)
+    confusion = confusion_matrix(torch.cat(truths), torch.cat(predictions), num_labels)
+    correct = int(confusion.diagonal().sum().item())
+    return ClassifierScores(correct / max(len(data), 1), loss_sum / max(len(data), 1), confusion.tolist())
+
+
+def confusion_matrix(truths: torch.Tensor, predictions: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """counts[t][p]: how many examples of class t were predicted p."""
+    return torch.bincount(truths * num_labels + predictions, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
+
+
+def evaluate(model: torch.nn.Module, data: EncodedExamples, batch_size: int = 128) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy loss) of the model on the examples."""
+    scores = classify(model, data, batch_size)
+    return scores.accuracy, scores.loss

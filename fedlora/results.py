@@ -49,6 +49,9 @@ class RoundRecord:
     held-out token loss on the response tokens, and `perplexity` exp(loss); for classification
     `perplexity` is None. `extra["retired"]`, where present: the clients no longer sampled from this
     round on (a spent privacy budget, or a refusal in the round before) and why.
+    `extra["client_eval"]`, in the rounds clients evaluated (evaluation.clients, fedlora/client_eval.py):
+    {client id: {accuracy, loss, examples}} of the global model on each client's held-out share,
+    with `client_eval_refused` (who was refused and why) and `client_eval_bytes_down`.
     """
 
     round: int

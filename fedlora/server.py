@@ -29,6 +29,7 @@ from fedlora import workspace
 from fedlora.accounting import PrivacyAccounts
 from fedlora.attacks import Adversary
 from fedlora.checkpoint import Checkpoint, load_resumable, save_checkpoint
+from fedlora.client_eval import ClientEvaluation, evaluation_summary, label_mix
 from fedlora.config import ConfigError, ExperimentConfig, FederationConfig, experiment_from_run_config
 from fedlora.export import RunFigures
 from fedlora.interrupt import RunInterrupted
@@ -300,6 +301,10 @@ class Federation:
         self.model = workspace.server_model(config, task.num_labels)
         self.roster = discover_clients(grid, node_ids, config.federation)
         self.clients = self.roster.clients
+        self.client_evaluation = ClientEvaluation(config, self.clients, self.roster.examples)
+        # In simulation every client holds its partition of the task; a deployed node may hold its own data.
+        self.label_mix = label_mix(task.partitions, task.class_names) if isinstance(grid, InMemoryGrid) else None
+        self.last_scores: Scores | None = None  # the server's last held-out evaluation
         self.strategy = build_strategy(config, self.roster)
         attack = config.attack
         self.adversary = Adversary(attack.name, attack.options, config.federation.num_clients, attack.fraction, config.seed)
@@ -355,6 +360,12 @@ class Federation:
                 "retired": {str(c): reason for c, reason in sorted(self.strategy.retired.items())},
                 "stopped_early": self.stopped,
                 "malicious": sorted(self.adversary.malicious),
+                **evaluation_summary(
+                    [(record.round, record.extra) for record in self.recorder.rounds],
+                    (self.last_scores or self.evaluate()).confusion,
+                    self.class_names,
+                    self.label_mix,
+                ),
             },
         )
         self.trackers.finish(summary)
@@ -438,6 +449,11 @@ class Federation:
         if adversary.malicious:
             flags = strategy.defence is not None and strategy.defence.drops_clients
             extra.update(detection_record(adversary, log_.accepted + log_.dropped, log_.dropped if flags else None))
+        server_seconds = log_.aggregate_seconds + (time.perf_counter() - eval_started)
+        if self.client_evaluation.due(server_round):
+            extra.update(
+                self.client_evaluation.evaluate(self.grid, self.state, server_round, log_.sampled, self.base_config["num-labels"])
+            )
         return RoundRecord(
             round=server_round,
             accuracy=scores.accuracy,
@@ -447,7 +463,7 @@ class Federation:
             bytes_up_factors=log_.bytes_up_factors,
             bytes_down=log_.bytes_down,
             seconds=time.perf_counter() - round_started,
-            server_seconds=log_.aggregate_seconds + (time.perf_counter() - eval_started),
+            server_seconds=server_seconds,
             client_seconds=log_.client_seconds,
             train_loss=None if metrics is None else float(metrics["train-loss"]),
             epsilon_max=epsilon_max,
@@ -463,7 +479,8 @@ class Federation:
     def evaluate(self) -> Scores:
         """Accuracy and loss (for a causal LM: exact match, loss and perplexity) of the global state on the held-out split."""
         self.state.load_into(self.model)
-        return evaluate(self.config, self.model, self.test, workspace.tokenizer(self.config))
+        self.last_scores = evaluate(self.config, self.model, self.test, workspace.tokenizer(self.config))
+        return self.last_scores
 
     def evaluate_personalized(self, states: dict[int, LoraState]) -> dict[str, object]:
         """Each client's own model (FedSA-LoRA's B_k with the shared A) on the held-out split, and their mean.

@@ -40,11 +40,13 @@ Encoded = EncodedExamples | CausalExamples
 
 @dataclass(frozen=True)
 class Scores:
-    """A model's held-out figures: accuracy (exact match for causal LMs), loss, and perplexity (causal LMs)."""
+    """A model's held-out figures: accuracy (exact match for causal LMs), loss, perplexity (causal LMs)
+    and the confusion matrix (classifiers: confusion[true][predicted])."""
 
     accuracy: float
     loss: float
     perplexity: float | None = None
+    confusion: list[list[int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,8 +106,8 @@ def evaluate(config: ExperimentConfig, lora_model: nn.Module, data: Encoded, tok
             lora_model, data, tokenizer, config.data.exact_match_examples, config.model.max_new_tokens
         )
         return Scores(scores.exact_match, scores.loss, scores.perplexity)
-    accuracy, loss = model.evaluate(lora_model, data)
-    return Scores(accuracy, loss)
+    scores = model.classify(lora_model, data)
+    return Scores(scores.accuracy, scores.loss, confusion=scores.confusion)
 
 
 def export(

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.report import plots as plotting
-from fedlora.report.data import Comparison, ReportError, compare
+from fedlora.report.data import Comparison, ReportError, RunResult, compare
+from fedlora.report.evaluation import client_spread, macro_f1
 from fedlora.report.pages import render_html, render_markdown
 from fedlora.report.paired import FIGURES, PairedTest, accuracy_auc, baseline_tests
 from fedlora.report.reading import SWEEP_INDEX, read_runs
@@ -163,6 +164,8 @@ def results_rows(comparison: Comparison) -> list[dict[str, Any]]:
                 defence=" ".join(run.defences) or None,
                 tpr=tpr(run),
                 fpr=fpr(run),
+                macro_f1=macro_f1(run),
+                **_client_spread_cells(run),
                 baseline=group.baseline.label,
                 **_difference_cells(tests.get(id(variant))),
                 overrides=" ".join(shlex.quote(item) for item in comparison.overrides[run.name]),
@@ -174,6 +177,13 @@ def results_rows(comparison: Comparison) -> list[dict[str, Any]]:
         rows.append({"run": excluded.path.name, "run_dir": str(excluded.path.resolve()), "not_included": excluded.reason})
     columns = list(rows[0])
     return [{k: "" if row.get(k) is None else row.get(k) for k in columns} for row in rows]
+
+
+def _client_spread_cells(run: RunResult) -> dict[str, Any]:
+    """How the clients' own accuracies spread at their last evaluation (empty where they never evaluated)."""
+    spread = client_spread(run) or {}
+    keys = ("accuracy_mean", "accuracy_worst_decile", "accuracy_min")
+    return {f"client_{key}": spread.get(key) for key in keys}
 
 
 def _difference_cells(test: PairedTest | None) -> dict[str, Any]:

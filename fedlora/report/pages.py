@@ -14,6 +14,19 @@ import time
 from dataclasses import dataclass
 
 from fedlora.report.data import Comparison, format_value, seed_order
+from fedlora.report.evaluation import (
+    CLIENTS_CAPTION,
+    EVALUATION_INTRO,
+    MAX_DETAILED_RUNS,
+    class_table,
+    client_table,
+    confusion_table,
+    evaluation_table,
+    has_evaluation,
+    held_out_classes,
+    last_client_eval,
+    macro_f1,
+)
 from fedlora.report.paired import baseline_tests
 from fedlora.report.tables import (
     BASE_CONFIG_FILE,
@@ -23,6 +36,7 @@ from fedlora.report.tables import (
     differences_table,
     key_table,
     notes,
+    number,
     privacy_table,
     ranking_note,
     reproduce_table,
@@ -153,6 +167,7 @@ def page_blocks(comparison: Comparison, plots: set[str], base_toml: str) -> list
     if comparison.excluded:
         rows = [[str(e.path), e.reason] for e in comparison.excluded]
         blocks += [Block("h2", "Not included"), Block("table", table=Table(["run directory", "why"], rows, {0, 1}))]
+    blocks += _evaluation_blocks(comparison)
     versions, mixed = versions_table(comparison)
     blocks += [
         Block("h2", "Reproduce"),
@@ -168,6 +183,38 @@ def page_blocks(comparison: Comparison, plots: set[str], base_toml: str) -> list
     if mixed:
         blocks.append(Block("warn", "The runs used different package versions."))
     blocks.append(Block("table", table=versions))
+    return blocks
+
+
+def _evaluation_blocks(comparison: Comparison) -> list[Block]:
+    """Per-client and per-class evaluation: a row per run, then each run's classes, confusion matrix and clients."""
+    runs = [run for variant in comparison.variants for run in variant.runs if has_evaluation(run)]
+    if not runs:
+        return []
+    blocks = [
+        Block("h2", "Per-client and per-class evaluation"),
+        Block("p", EVALUATION_INTRO),
+        Block("table", table=evaluation_table(comparison)),
+    ]
+    for run in runs[:MAX_DETAILED_RUNS]:
+        blocks.append(Block("h3", f"Run {run.name}"))
+        if held_out_classes(run) is not None:
+            blocks += [
+                Block("p", f"The server's held-out set per class after the last round (macro-F1 {number(macro_f1(run))}):"),
+                Block("table", table=class_table(run)),
+                Block("p", "Confusion matrix (examples of each true class by the class predicted):"),
+                Block("table", table=confusion_table(run)),
+            ]
+        if run.summary.get("label_mix") or last_client_eval(run):
+            blocks += [Block("p", CLIENTS_CAPTION), Block("table", table=client_table(run))]
+    if len(runs) > MAX_DETAILED_RUNS:
+        blocks.append(
+            Block(
+                "note",
+                f"Per-class and per-client tables shown for the first {MAX_DETAILED_RUNS} of {len(runs)} runs; "
+                "each run's summary.json and history.jsonl hold the rest.",
+            )
+        )
     return blocks
 
 

@@ -40,7 +40,7 @@ OPTIONAL = {
     "extra.": ("epsilon_max", "epsilon", "tpr", "fpr"),
 }
 LISTS = {"": ("clients",), "extra.": ("flagged", "malicious")}
-OBJECTS = {"": ("extra",), "extra.": ("defence", "retired")}
+OBJECTS = {"": ("extra",), "extra.": ("defence", "retired", "client_eval")}
 # Config sections whose settings the report reads (privacy.epsilon, attack.fraction, ...).
 CONFIG_SECTIONS = ("model", "data", "privacy", "attack", "strategy", "federation")
 # summary.json's figures and how to compute each from the history, to check that the two agree.
@@ -194,6 +194,7 @@ def read_summary(path: Path) -> dict[str, Any]:
     summary = read_object(path)
     _check_numbers(path, summary, {"": tuple(AGREEING)})
     _check_client_sections(path, summary)
+    _check_evaluation_sections(path, summary)
     return summary
 
 
@@ -207,6 +208,57 @@ def _check_client_sections(path: Path, summary: dict[str, Any]) -> None:
         if not isinstance(figures, dict):
             raise ReportError(f"{path}: 'privacy.{client}' is {_shown(figures)}, not an object{DAMAGED}")
         _check_numbers(path, summary, {f"privacy.{client}.": tuple(figures)})
+
+
+def _check_evaluation_sections(path: Path, summary: dict[str, Any]) -> None:
+    """`held_out` and `label_mix`, where recorded (fedlora/client_eval.py): class names and counts
+    that fit them, a square confusion matrix, clients by id."""
+    held_out, mix = summary.get("held_out"), summary.get("label_mix")
+    if held_out is not None:
+        classes = _class_names(path, "held_out", held_out)
+        matrix = held_out.get("confusion_matrix")
+        if not (isinstance(matrix, list) and len(matrix) == len(classes) and all(_counts(row, len(classes)) for row in matrix)):
+            raise ReportError(
+                f"{path}: 'held_out.confusion_matrix' is not a {len(classes)} x {len(classes)} table of counts{DAMAGED}"
+            )
+    if mix is not None:
+        classes = _class_names(path, "label_mix", mix)
+        clients = mix.get("clients")
+        if not (isinstance(clients, dict) and all(_is_client_id(c) and _counts(n, len(classes)) for c, n in clients.items())):
+            raise ReportError(f"{path}: 'label_mix.clients' is not {len(classes)} counts per client id{DAMAGED}")
+
+
+def _class_names(path: Path, section: str, value: Any) -> list[str]:
+    classes = value.get("classes") if isinstance(value, dict) else None
+    if not (isinstance(classes, list) and classes and all(isinstance(name, str) for name in classes)):
+        raise ReportError(f"{path}: {section!r} has no list of class names{DAMAGED}")
+    return classes
+
+
+def _counts(value: Any, size: int) -> bool:
+    return isinstance(value, list) and len(value) == size and all(type(v) is int and v >= 0 for v in value)
+
+
+def _is_client_id(key: str) -> bool:
+    return key.isdigit()
+
+
+def _check_client_eval(where: str, record: dict[str, Any]) -> None:
+    """`extra.client_eval`, where recorded: each client id's accuracy (0 to 1), loss and examples;
+    `extra.client_eval_refused` a list of refusals (objects)."""
+    refused = _nested(record, "extra.client_eval_refused")
+    if refused is not None and not (isinstance(refused, list) and all(isinstance(r, dict) for r in refused)):
+        raise ReportError(f"{where}: 'extra.client_eval_refused' is {_shown(refused)}, not a list of refusals{DAMAGED}")
+    for client, figures in (_nested(record, "extra.client_eval") or {}).items():
+        if not (_is_client_id(client) and isinstance(figures, dict)):
+            raise ReportError(
+                f"{where}: 'extra.client_eval' has {_shown(client)}: {_shown(figures)}, not a client's figures{DAMAGED}"
+            )
+        accuracy, loss, examples = (figures.get(key) for key in ("accuracy", "loss", "examples"))
+        if not (_is_number(accuracy) and 0 <= accuracy <= 1 and _is_number(loss) and type(examples) is int):
+            raise ReportError(
+                f"{where}: 'extra.client_eval.{client}' is {_shown(figures)}, not accuracy (0 to 1), loss and examples{DAMAGED}"
+            )
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:
@@ -248,6 +300,7 @@ def _check_record(where: str, record: dict[str, Any]) -> None:
             if value is not None and not (isinstance(value, list) and all(_is_number(v) for v in value)):
                 raise ReportError(f"{where}: {prefix + name!r} is {_shown(value)}, not a list of client ids{DAMAGED}")
     _check_numbers(where, record, {**OPTIONAL, "": REQUIRED + OPTIONAL[""]})
+    _check_client_eval(where, record)
 
 
 def _check_numbers(where: Any, tree: dict[str, Any], keys: dict[str, tuple[str, ...]]) -> None:
