@@ -15,6 +15,7 @@ touched before these checks pass.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,6 +80,16 @@ RESUME_MAY_CHANGE = (
 )
 
 
+def with_defaults(started: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config with the keys added since it was written at their defaults (which keep
+    the behaviour the run had), so that a newer fedlora resumes it; as recorded if it no longer
+    validates (a key that was removed: config_changes then names it)."""
+    try:
+        return ExperimentConfig.model_validate_json(json.dumps(started)).model_dump(mode="json")
+    except ValueError:
+        return started
+
+
 def config_changes(started: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two resolved configs (JSON form), operational keys aside."""
     changed = []
@@ -120,7 +131,7 @@ def load_resumable(run_dir: Path, config: ExperimentConfig, initial: LoraState |
             f"{missing[:5]}; the run cannot be continued, start a new one"
         )
     read_rounds(run_dir, checkpoint.round)  # the rounds the resumed run keeps must be whole records
-    changed = config_changes(checkpoint.config, config.model_dump(mode="json"))
+    changed = config_changes(with_defaults(checkpoint.config), config.model_dump(mode="json"))
     if changed:
         key = changed[0]
         raise ConfigError(
