@@ -542,7 +542,7 @@ class OutputConfig(_Section):
     )
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list,
-        description='experiment trackers fed every history line, offline, into the run directory: "tensorboard", '
+        description='experiment trackers fed every history line (by default offline, into the run directory): "tensorboard", '
         '"mlflow", "wandb" (each needs its package)',
     )
 
