@@ -9,10 +9,12 @@ public labelled split of the built-in corpus (`fedlora.data.builtin.public_split
 stream, the train topic words and frames, no negations or side remarks, clean labels). Its head is
 then dropped and the federation starts from a fresh one, as it does on MiniLM.
 
-The weights are a pure function of the tiny architecture, max_length, the public split's size,
-the step count and the seed, so each is trained once and cached on disk (FEDLORA_CACHE, default
-~/.cache/fedlora); a file lock makes the server and the client processes of one run wait for the
-first of them instead of each training its own copy.
+The weights are a function of the tiny architecture, max_length, the public split (its texts and
+labels are hashed into the key), the tokenizer's vocabulary, the step count and the seed, so
+each is trained once and cached on disk (FEDLORA_CACHE, default ~/.cache/fedlora); a file lock
+makes the server and the client processes of one run wait for the first of them instead of each
+training its own copy. (Machines of a deployment each train their own: the same on machines
+whose CPUs compute alike; copy the cache folder to be sure.)
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 from flwr.common.logger import log
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerBase
 
-from fedlora.data.builtin import public_split
+from fedlora.data.builtin import TextExamples, public_split
 
 LEARNING_RATE = 1e-3  # Adam: measured to train the tiny base to about 0.97 in 100-150 steps
 BATCH_SIZE = 64
@@ -55,24 +57,54 @@ def pretrained_encoder(
     architecture: BertConfig, tokenizer: PreTrainedTokenizerBase, plan: PretrainPlan, max_length: int, seed: int
 ) -> dict[str, torch.Tensor]:
     """The encoder weights (`bert.*`, no head) of the tiny base pretrained as `plan` says."""
+    public = public_split(seed, plan.examples, plan.topics)
     recipe = {
         "architecture": {k: v for k, v in architecture.to_dict().items() if k not in ("num_labels", "id2label", "label2id")},
         "steps": plan.steps,
-        "examples": plan.examples,
         "topics": plan.topics,
         "max_length": max_length,
         "seed": seed,
         "version": RECIPE_VERSION,
+        # What the weights also depend on, so that a change of the corpus generator or the
+        # tokenizer is a new entry rather than a stale one.
+        "public": hashlib.sha256(json.dumps([public.texts, public.labels]).encode()).hexdigest(),
+        "vocabulary": hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest(),
     }
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = cache_dir() / f"tiny-base-{key}.pt"
+    cached = _read(path)  # without the lock: a filled cache may be read-only
+    if cached is not None:
+        return cached
     with _locked(path.with_suffix(".lock")):
-        if not path.exists():
-            encoder = _pretrain(architecture, tokenizer, plan, max_length, seed)
-            partial = path.with_suffix(f".{os.getpid()}.partial")
-            torch.save(encoder, partial)
-            partial.replace(path)  # atomic: a reader never sees half a file
+        cached = _read(path)  # another process may have trained it while this one waited
+        if cached is None:
+            _write(path, _pretrain(architecture, tokenizer, plan, public, max_length, seed))
     return torch.load(path, weights_only=True)
+
+
+def _read(path: Path) -> dict[str, torch.Tensor] | None:
+    """The cached weights, or None if there are none; a damaged file is removed (and so retrained)."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:  # truncated or damaged in any way: train again
+        log(INFO, "the cached tiny base %s is damaged: training it again", path)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _write(path: Path, encoder: dict[str, torch.Tensor]) -> None:
+    """Written beside its name, flushed to disk, then renamed: a reader never sees half a file."""
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    try:
+        with partial.open("wb") as handle:
+            torch.save(encoder, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def cache_dir() -> Path:
@@ -93,10 +125,14 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _pretrain(
-    architecture: BertConfig, tokenizer: PreTrainedTokenizerBase, plan: PretrainPlan, max_length: int, seed: int
+    architecture: BertConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    plan: PretrainPlan,
+    public: TextExamples,
+    max_length: int,
+    seed: int,
 ) -> dict[str, torch.Tensor]:
     steps, examples = plan.steps, plan.examples
-    public = public_split(seed, examples, plan.topics)
     encoded = tokenizer(public.texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
     labels = torch.tensor(public.labels)
     started = time.monotonic()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedlora import pretrain
 from fedlora.config import ConfigError, config_from_dict
 from fedlora.data.builtin import BuiltinCorpusConfig, class_vocabulary, generate_corpus, public_split
 from fedlora.model import build_base_model
@@ -133,3 +134,22 @@ def test_settings_that_would_have_no_effect_are_refused_by_key(overrides: tuple[
         tiny_config(*overrides)
     read_back = tiny_config("model.tiny.pretrain_steps=5", "output.trackers=['mlflow']")
     assert type(read_back).model_validate_json(read_back.model_dump_json()) == read_back
+
+
+def test_a_damaged_cache_file_is_trained_again_and_a_filled_cache_is_read_without_its_lock(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tiny_config(*SMALL)
+    first = build_base_model(config.model, 8, seed=3)
+    (stored,) = cache.glob("tiny-base-*.pt")
+    stored.write_bytes(stored.read_bytes()[:100])  # truncated, as after a crash without fsync
+    again = build_base_model(config.model, 8, seed=3)
+    assert torch.equal(first.bert.pooler.dense.weight, again.bert.pooler.dense.weight)
+    assert not list(cache.glob("*.partial"))
+
+    def no_lock(path: Path):  # a shared, read-only cache: taking the lock would fail there
+        raise PermissionError(path)
+
+    monkeypatch.setattr(pretrain, "_locked", no_lock)
+    read = build_base_model(config.model, 8, seed=3)
+    assert torch.equal(first.bert.pooler.dense.weight, read.bert.pooler.dense.weight)
