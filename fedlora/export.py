@@ -207,13 +207,13 @@ def _pretrained_weights(config: ModelConfig) -> Path | None:
     return Path(cached).resolve() if isinstance(cached, str) else None
 
 
-def link_weights(folder: Path, files: Sequence[Path], extra: dict[str, torch.Tensor] | None = None) -> None:
-    """The weights of `files` (hard links, copies across file systems) and `extra` (a small file of its own), as one
-    checkpoint in `folder`: a single file, or shards and their index where there are several."""
+def link_weights(folder: Path, files: Sequence[Path], extra: dict[str, torch.Tensor] | None = None, copy: bool = False) -> None:
+    """The weights of `files` (hard links, copies across file systems; `copy`: always copies) and `extra` (a small
+    file of its own), as one checkpoint in `folder`: a single file, or shards and their index where there are several."""
     count = len(files) + (1 if extra else 0)
     names = [WEIGHTS] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
     for source, name in zip(files, names, strict=False):
-        _link(source, folder / name)
+        (shutil.copyfile if copy else _link)(source, folder / name)
     if extra:
         save_file({k: v.contiguous() for k, v in extra.items()}, folder / names[-1], metadata={"format": "pt"})
     if count > 1:

@@ -1,7 +1,8 @@
 """`fedlora export RUN_DIR --to DIR`: a finished run's adapter as a folder of its own, or its merged model.
 
-The adapter (default): the folder fedlora/export.py describes, its base's files hard-linked from
-the run's `adapter/base` (copied across file systems), so that it loads wherever DIR is copied.
+The adapter (default): the folder fedlora/export.py describes, its base's files copied from the
+run's `adapter/base` (not linked: an export is the user's to change), so that it loads wherever
+DIR is copied.
 A run written before the base carried its head gets the head as a shard of its own, so that no
 weight loads as newly initialized.
 
@@ -124,7 +125,9 @@ def _write_adapter_files(
     files = weight_files(adapter / BASE_DIR)
     present = {name for file in files for name in tensor_names(file)}
     missing_head = {name: tensor for name, tensor in adapter_head(partial).items() if name not in present}
-    link_weights(base, files, missing_head)
+    # Copies, not links: an export is the user's to change, and a link shares its bytes with the run
+    # and the model cache, which an in-place write would change too.
+    link_weights(base, files, missing_head, copy=True)
     carry_base(partial, tokenizer)
 
 

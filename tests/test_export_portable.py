@@ -125,6 +125,9 @@ def test_the_export_loads_wherever_it_is_copied_and_the_merged_model_predicts_as
     run, model = classification_run(tmp_path, tiny_config("model.name='minilm'", "model.train_head=false"))
     assert run_cli("export", str(run), "--to", str(tmp_path / "out" / "adapter"))[0] == 0
     assert run_cli("export", str(run), "--to", str(tmp_path / "out" / "merged"), "--merged")[0] == 0
+    shared = {path.stat().st_ino for path in (run / "adapter" / "base").glob("*.safetensors")}
+    exported = {path.stat().st_ino for path in (tmp_path / "out" / "adapter" / "base").glob("*.safetensors")}
+    assert exported and not exported & shared  # copies: writing into the export leaves the run and the cache alone
     out = moved(tmp_path / "out", tmp_path / "elsewhere", tmp_path / "out", tmp_path / "runs")
     expected = logits(model, out / "adapter")
     predicted = [CLASSES[i] for i in expected.argmax(dim=1).tolist()]
