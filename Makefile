@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/fedlora simulate simulations/quickstart.toml
 
+# Two workers, a test file each at a time: the end-to-end tests spend much of their time waiting
+# on Ray and Flower processes, which the other worker's tests fill. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
