@@ -433,6 +433,11 @@ class StrategyConfig(_Section):
     cc_tau: float = Field(10.0, gt=0, description="centered_clipping: the clipping radius tau, in the norm of a flattened update")
     cc_iterations: int = Field(1, ge=1, le=100, description="centered_clipping: clipping iterations a round")
     rfa_iterations: int = Field(3, ge=1, le=100, description="rfa: smoothed Weiszfeld iterations a round")
+    multikrum_mean: Literal["plain", "examples"] = Field(
+        "plain",
+        description='multikrum: how the selected updates are averaged: "plain", their plain mean (Blanchard et al. 2017), '
+        'or "examples", by the clients\' example weights, as the strategy weighs any round',
+    )
     bucket_size: int = Field(
         1,
         ge=1,

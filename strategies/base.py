@@ -26,6 +26,7 @@ stays, the round is skipped, and `last_round.extra["not_installed"]` says why.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -387,6 +388,8 @@ class LoraStrategy(Strategy):
         )
         self.last_round.extra["defence"] = {"name": self.defence.name, **screening.stats}
         kept = [updates[i] for i in screening.kept]
+        if screening.equal_weights:  # the rule's own mean (Multi-Krum's): every kept update counts once
+            kept = [dataclasses.replace(update, weight=1.0) for update in kept]
         if screening.aggregate is None or not kept:
             return kept, None
         # The robust statistic enters the strategy's own aggregation as one client's update.

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from strategies.robust import Defence, Screening, check_updates
+
+if TYPE_CHECKING:
+    from fedlora.config import StrategyConfig
 
 
 def krum_scores(updates: Tensor, num_malicious: int) -> Tensor:
@@ -88,11 +92,28 @@ class KrumDefence(Defence):
 
 
 class MultiKrumDefence(KrumDefence):
-    """Multi-Krum: keep the n - f updates with the lowest Krum scores."""
+    """Multi-Krum: keep the n - f updates with the lowest Krum scores; the strategy averages them
+    plainly, as Blanchard et al. define it (`strategy.multikrum_mean = "plain"`), or by the clients'
+    example weights ("examples")."""
 
     name = "multikrum"
-    description = "Multi-Krum: keep the n - f updates with the lowest Krum scores, average them"
+    description = "Multi-Krum: keep the n - f updates with the lowest Krum scores, average them (plain mean)"
+
+    def __init__(self, phi_max: float = 0.25, plain_mean: bool = True) -> None:
+        super().__init__(phi_max)
+        self.plain_mean = plain_mean
+
+    @classmethod
+    def from_config(cls, config: StrategyConfig) -> MultiKrumDefence:
+        """The defence with `[strategy]`'s choice of mean."""
+        return cls(config.phi_max, plain_mean=config.multikrum_mean == "plain")
 
     def keep(self, n: int, f: int) -> int:
         """n - f updates survive."""
         return n - f
+
+    def screen(self, updates: Tensor, weights: Tensor, seed: int) -> Screening:
+        """Krum's selection, the kept updates to be weighed equally unless example weights are asked for."""
+        screening = super().screen(updates, weights, seed)
+        screening.equal_weights = self.plain_mean
+        return screening

@@ -39,6 +39,7 @@ class Screening:
     kept: list[int]
     aggregate: Tensor | None = None
     stats: dict[str, float | int] = field(default_factory=dict)
+    equal_weights: bool = False  # the strategy weighs the kept updates equally (Multi-Krum's plain mean)
 
 
 class Defence(ABC):

@@ -231,3 +231,41 @@ def test_krum_keeping_one_update_is_not_a_round_below_min_replies() -> None:
     (kept,) = strategy.last_round.accepted
     result = LoraState.from_array_record(arrays)
     assert all(torch.allclose(result.tensors()[k], t) for k, t in honest_state(kept).tensors().items())
+
+
+def test_multikrum_averages_what_it_keeps_plainly_as_the_paper_does_unless_asked_for_example_weights() -> None:
+    from strategies.krum import krum
+
+    states = {k: honest_state(k) for k in range(N)}
+    states[5] = honest_state(5, scale=2.0)  # far from the rest: Multi-Krum drops it
+    sizes = {k: 5 + 7 * k for k in range(N)}  # unequal example counts
+    roster = Roster(NODES, sizes)
+
+    def round_with(defence):
+        strategy = FedIT(roster, clients_per_round=N, defence=defence)
+        list(strategy.configure_train(1, global_state().to_array_record(), ConfigRecord(), grid=None))
+        replies = [client_reply(node, states[c], num_examples=sizes[c]) for node, c in NODES.items()]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        return strategy, LoraState.from_array_record(arrays)
+
+    strategy, plain = round_with(MultiKrumDefence(0.25))
+    kept = strategy.last_round.accepted
+    assert 5 not in kept and len(kept) == N - 3
+    deltas = torch.stack([states[k].minus(global_state()).flatten().double() for k in kept])
+    paper = deltas.mean(dim=0)  # Blanchard et al.: the plain mean of the selected updates
+    torch.testing.assert_close(plain.minus(global_state()).flatten().double(), paper, rtol=0, atol=1e-6)
+    _, weighted = round_with(MultiKrumDefence(0.25, plain_mean=False))
+    p = torch.tensor([sizes[k] for k in kept], dtype=torch.float64)
+    by_examples = (p[:, None] * deltas).sum(dim=0) / p.sum()
+    torch.testing.assert_close(weighted.minus(global_state()).flatten().double(), by_examples, rtol=0, atol=1e-6)
+    assert not torch.allclose(paper, by_examples, atol=1e-4)  # the two means differ on these inputs
+    # The rule itself, in float64: the selected updates' plain mean to 1e-12.
+    updates = torch.stack([states[k].minus(global_state()).flatten().double() for k in range(N)])
+    aggregate, selected, _ = krum(updates, None, num_malicious=3, keep=N - 3)
+    torch.testing.assert_close(aggregate, updates[selected].mean(dim=0), rtol=0, atol=1e-12)
+
+
+def test_multikrum_mean_is_set_in_the_strategy_section() -> None:
+    config = tiny_config("strategy.robust='multikrum'", "strategy.multikrum_mean='examples'")
+    assert defence_class("multikrum").from_config(config.strategy).plain_mean is False
+    assert defence_class("multikrum").from_config(tiny_config("strategy.robust='multikrum'").strategy).plain_mean
