@@ -222,8 +222,11 @@ def last_client_eval(extras: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]
     return None
 
 
-def label_mix(partitions: list[Any], class_names: list[str]) -> dict[str, Any]:
-    """Each client's examples per class, as the server partitioned the task (the server's own count, not a client's)."""
+def label_mix(partitions: list[Any], class_names: list[str]) -> dict[str, Any] | None:
+    """Each client's examples per class, as the server partitioned the task (the server's own count, not a
+    client's); None for a task without classes (instruction data without categories)."""
+    if not class_names:
+        return None
     return {
         "classes": list(class_names),
         "clients": {str(client): label_counts(list(part.labels), len(class_names)) for client, part in enumerate(partitions)},

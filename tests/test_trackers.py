@@ -308,6 +308,7 @@ def test_mlflow_on_a_shared_store_files_each_run_under_the_project_with_its_tags
     store = (tmp_path / "server-store").resolve().as_uri()
     overrides = (
         f"output.mlflow_uri={store!r}",
+        "output.trackers=['mlflow']",
         "output.project='lora-study'",
         "output.group='sweep-a'",
         "output.tags=['dp','v2']",
@@ -338,7 +339,9 @@ def test_mlflow_on_a_shared_store_files_each_run_under_the_project_with_its_tags
 
 
 def test_wandb_takes_its_project_group_tags_and_mode_from_the_output_section(tmp_path: Path) -> None:
-    config = tiny_config("output.project='lora-study'", "output.group='sweep-a'", "output.tags=['dp']")
+    config = tiny_config(
+        "output.trackers=['wandb']", "output.project='lora-study'", "output.group='sweep-a'", "output.tags=['dp']"
+    )
     summary = finished_run_files(tmp_path)
     trackers = Trackers(["wandb"])
     trackers.start(config, tmp_path)
@@ -353,7 +356,7 @@ def test_wandb_takes_its_project_group_tags_and_mode_from_the_output_section(tmp
     disabled = tmp_path / "disabled"
     disabled.mkdir()
     off = Trackers(["wandb"])
-    off.start(tiny_config("output.wandb_mode='disabled'"), disabled)
+    off.start(tiny_config("output.trackers=['wandb']", "output.wandb_mode='disabled'"), disabled)
     off.finish(SUMMARY)
     assert not list((disabled / "wandb").glob("offline-run-*"))
 
