@@ -25,6 +25,7 @@ from fedlora.report.reproduce import config_toml
 from fedlora.results import RoundRecord, RunRecorder, read_history, read_summary
 from fedlora.simulation import check_model_available
 from tests.conftest import TINY, causal_config, one_line_refusal, run_cli, tiny_config
+from tests.test_privacy_contract import BUDGETED  # 6 clients calibrated for 2 rounds of 6: someone runs out
 
 SPENT = "privacy budget spent: another round would take epsilon to 3.412"
 
@@ -289,18 +290,6 @@ def test_built_in_names_and_local_folders_need_no_hub(tmp_path: Path, monkeypatc
 
 
 # --- through the real engine ---------------------------------------------------------------------
-
-# 6 clients, 2 a round, 6 rounds, each calibrated for 2 expected rounds: someone runs out (as in
-# tests/test_privacy_contract.py).
-BUDGETED = (
-    "federation.num_clients=6",
-    "federation.clients_per_round=2",
-    "federation.rounds=6",
-    "federation.client_cpus=0.5",
-    "data.num_train=360",
-    "privacy.enabled=true",
-    "privacy.epsilon=3.0",
-)
 
 
 @pytest.mark.e2e
