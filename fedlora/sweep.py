@@ -43,6 +43,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedlora.checkpoint import config_changes, with_defaults
 from fedlora.config import ConfigError, ExperimentConfig, _parse_value, config_from_dict, read_config_file
 from fedlora.interrupt import RunInterrupted
 from fedlora.results import CONFIG, SUMMARY, RoundRecord
@@ -237,16 +238,16 @@ def run_status(run_dir: Path) -> str:
 
 
 def _check_finished_config(run_dir: Path, variant: Variant) -> None:
-    """A finished run is reused only if it ran this variant's config (output aside)."""
+    """A finished run is reused only if it ran this variant's config, as a resume would judge it:
+    keys added to fedlora since the run was recorded count at their defaults, and where and how
+    fast it ran (output, CPUs, Ray address) may differ."""
     try:
         recorded = json.loads((run_dir / CONFIG).read_text())
     except (OSError, ValueError):
-        recorded = {}
-    expected = variant.config.model_dump(mode="json")
-    recorded.pop("output", None)
-    expected.pop("output", None)
-    if recorded != expected:
-        changed = sorted(k for k in set(recorded) | set(expected) if recorded.get(k) != expected.get(k))
+        recorded = None
+    recorded = with_defaults(recorded) if isinstance(recorded, dict) else {}
+    changed = config_changes(recorded, variant.config.model_dump(mode="json"))
+    if changed:
         raise SweepError(
             f"{run_dir} finished with a different config ({', '.join(changed)} changed); delete it or choose another --out"
         )

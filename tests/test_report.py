@@ -7,6 +7,7 @@ import base64
 import copy
 import csv
 import io
+import json
 import os
 import re
 import shlex
@@ -461,3 +462,22 @@ def test_a_finished_run_with_another_config_is_not_reused(tmp_path: Path, monkey
     assert run_cli("compare", str(config), "--out", str(out))[0] == 0
     code, output = run_cli("compare", str(config), "--out", str(out), "--set", "federation.lr=0.5")
     assert code == 2 and "different config" in output and "federation" in output
+
+
+def test_a_finished_run_recorded_before_a_key_was_added_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep continued with a newer fedlora: keys added since count at their defaults, and
+    where it ran (CPUs, output) may differ, as on a resume."""
+    import fedlora.simulation
+
+    monkeypatch.setattr(fedlora.simulation, "simulate", fake_simulate)
+    config = write_sweep_config(tmp_path / "c.toml", {"seed": [0]})
+    out = tmp_path / "out"
+    assert run_cli("compare", str(config), "--out", str(out))[0] == 0
+    (run_dir,) = [p for p in out.iterdir() if (p / "config.json").exists()]
+    recorded = json.loads((run_dir / "config.json").read_text())
+    del recorded["evaluation"]  # as written before the section existed
+    recorded["strategy"].pop("multikrum_mean")
+    recorded["federation"]["server_cpus"] = 7
+    (run_dir / "config.json").write_text(json.dumps(recorded))
+    code, output = run_cli("compare", str(config), "--out", str(out))
+    assert code == 0 and "1 already finished" in output
