@@ -146,8 +146,14 @@ def test_the_export_loads_wherever_it_is_copied_and_the_merged_model_predicts_as
     assert "library_name: transformers" in card and "(merged into its weights)" in card and "## Labels" in card
 
 
-def test_bad_export_inputs_are_refused_in_one_line_and_nothing_is_written(tmp_path: Path) -> None:
+def test_bad_export_inputs_are_refused_in_one_line_and_nothing_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run, _ = classification_run(tmp_path, tiny_config())
+    # A current folder whose parent holds neither the run nor the test's folders, wherever the checkout is.
+    workdir = tmp_path / "elsewhere" / "work"
+    workdir.mkdir(parents=True)
+    monkeypatch.chdir(workdir)
     (tmp_path / "not-a-run").mkdir()
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
