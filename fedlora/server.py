@@ -1,7 +1,7 @@
 """The round loop of the Flower ServerApp: builds the strategy, runs the rounds, evaluates, records.
 
-`fedlora simulate` binds it to one experiment (`build_server_app`); `flwr run` starts `main`
-(pyproject.toml's serverapp component), which reads the experiment from the run config.
+`fedlora simulate` binds it to one experiment (`build_server_app`); `flwr run` starts the app
+of fedlora/server_app.py, which reads the experiment from the run config.
 
 Round loop (one ServerApp for simulation and deployment):
   handshake (query: which client is each node) -> round 0 evaluation ->
@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from logging import ERROR, INFO, WARNING
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,12 @@ from fedlora.accounting import PrivacyAccounts
 from fedlora.attacks import Adversary
 from fedlora.checkpoint import Checkpoint, load_resumable, save_checkpoint
 from fedlora.client_eval import ClientEvaluation, evaluation_summary, label_mix
-from fedlora.config import ConfigError, ExperimentConfig, FederationConfig, experiment_from_run_config
+from fedlora.config import ExperimentConfig, FederationConfig
 from fedlora.export import RunFigures
 from fedlora.interrupt import RunInterrupted
 from fedlora.lora import LoraState
 from fedlora.metadata import data_fingerprint, record_start
-from fedlora.results import RUN_REPORT_DIR, RoundRecord, RunRecorder
+from fedlora.results import RoundRecord, RunRecorder
 from fedlora.roster import Roster, client_id_problem, declared_count_problem
 from fedlora.rundir import RunLock, claim_run_dir
 from fedlora.task import Scores, evaluate, export
@@ -45,7 +45,6 @@ from strategies import build_strategy
 from strategies.base import ARRAYS_KEY, CONFIG_KEY, INFO_KEY, LEDGER_KEY, METRICS_KEY, LoraStrategy, check_against
 
 RoundCallback = Callable[[RoundRecord], None]
-APP_DIR = Path(__file__).resolve().parent.parent  # for `flwr run`: the app folder as Flower installed it
 CONNECT_TIMEOUT = 600.0  # seconds a deployment waits for its SuperNodes
 WAIT_LOG_SECONDS = 10.0
 # How long a simulation's node count must hold before a mismatch is final (the engine registers
@@ -550,50 +549,3 @@ def build_server_app(
             errors.append(err)
 
     return app
-
-
-app = ServerApp()
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """`flwr run` entry point (deployment, or Flower's local simulation): the experiment comes from
-    the run config; the run directory, its report and the adapter are logged as they are written.
-
-    With output.name set, the run directory is stable across runs, and `resume=true` in the run
-    config continues it from its last checkpoint (e.g. after the server machine restarted);
-    `overwrite=true` replaces a run already there. A mistake in the experiment or a federation
-    that cannot serve it is logged as one line before the run fails.
-    """
-    run_config = context.run_config
-    try:
-        config = experiment_from_run_config(dict(run_config), APP_DIR)
-        run_dir = deployment_run_dir(run_config, config, context.run_id)
-        log(INFO, "run directory: %s", run_dir)
-        summary = run_federation(
-            grid,
-            config,
-            run_dir,
-            resume=bool(run_config.get("resume", False)),
-            overwrite=bool(run_config.get("overwrite", False)),
-        )
-    except (ConfigError, FederationError) as err:
-        log(ERROR, "%s", err)  # Flower's traceback follows: this line says what to change
-        raise
-    from fedlora.report import write_report  # plots: loaded only once a run has something to show
-
-    files = write_report([run_dir], run_dir / RUN_REPORT_DIR, f"flwr run: {run_dir.name}")
-    log(INFO, "final accuracy %.4f (round 0: %.4f)", summary["final_accuracy"], summary["initial_accuracy"])
-    log(INFO, "adapter (peft format): %s", summary["adapter"])
-    log(INFO, "report: %s", files.html)
-
-
-def deployment_run_dir(run_config: dict[str, Any], config: ExperimentConfig, run_id: int) -> Path:
-    """`<run-dir>/<output.name>` (or `<strategy>-run<run id>`), absolute.
-
-    A relative run-dir (the default, "runs") is taken from the ServerApp's working directory,
-    which it inherits from the SuperLink: for `flwr run . local`, the folder where the first
-    `flwr run` started Flower's local SuperLink (it keeps running in the background).
-    """
-    base = Path(str(run_config.get("run-dir", config.output.dir))).expanduser()
-    return (base / (config.output.name or f"{config.strategy.name}-run{run_id}")).resolve()

@@ -8,6 +8,7 @@ the project's dependencies are this environment's, and there is no network to in
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -22,7 +23,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from fedlora.config import ConfigError
 from fedlora.results import read_history, read_summary
+from fedlora.server import FederationError
+from fedlora.server_app import OneLineErrors
 
 pytestmark = pytest.mark.e2e
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -149,7 +153,7 @@ def test_the_default_federation_runs_the_tiny_experiment_to_its_adapter_and_repo
 
 def test_a_federation_of_another_size_is_one_line_as_soon_as_the_server_app_runs(flower_home: FlowerHome) -> None:
     name = "output.name='too-few-nodes'"
-    run = flwr_run(flower_home, f"experiment='simulations/deploy_tiny.toml' overrides=\"{name}\"", stop_on="SuperNodes but the")
+    run = flwr_run(flower_home, f"experiment='simulations/deploy_tiny.toml' overrides=\"{name}\"")
     found, started = run.first("SuperNodes but the experiment"), run.first("run directory: ")
     assert found is not None and started is not None, run.text
     seconds, line = found
@@ -160,3 +164,21 @@ def test_a_federation_of_another_size_is_one_line_as_soon_as_the_server_app_runs
     assert "ERROR" in line and "has 2 SuperNodes" in line and "federation.num_clients = 3" in line
     assert '--federation-config "num-supernodes=3"' in line and FITS_DEFAULTS in line
     assert not (flower_home.workdir / "runs" / "too-few-nodes" / "summary.json").exists()
+    # Flower's own line says the run failed, without a traceback after the line that explains it.
+    assert run.first(r"raised an exception \(the line above says what to change\)") is not None and "Traceback" not in run.text, (
+        run.text
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "traceback_kept"),
+    [(ConfigError("federation.rounds: 0 is below 1"), False), (FederationError("too few nodes"), False), (KeyError("x"), True)],
+)
+def test_flowers_traceback_is_dropped_only_for_an_error_already_explained_in_one_line(error, traceback_kept) -> None:
+    try:
+        raise error
+    except Exception:
+        record = logging.LogRecord("flwr", logging.ERROR, __file__, 1, "ServerApp raised an exception", (), sys.exc_info())
+    assert OneLineErrors().filter(record)
+    assert (record.exc_info is not None) == traceback_kept
+    assert logging.Formatter().format(record).count("Traceback") == int(traceback_kept)
