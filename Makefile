@@ -21,7 +21,7 @@ demo: $(STAMP)
 TEST_WORKERS ?= 2
 
 test: lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
