@@ -37,6 +37,8 @@ ADAPTER = "adapter"
 ROUND_ADAPTERS = "adapter-rounds"
 CHECKPOINT = "checkpoint.pt"
 RUN_REPORT_DIR = "report"
+# RoundRecord's wall-clock fields: they differ between two runs that are otherwise identical.
+TIMING_FIELDS = ("seconds", "server_seconds", "client_seconds", "train_seconds")
 PACKAGES = ("fedlora", "torch", "flwr", "ray", "opacus", "transformers", "peft")
 
 
@@ -63,6 +65,7 @@ class RoundRecord:
     seconds: float = 0.0
     server_seconds: float = 0.0
     client_seconds: float = 0.0
+    train_seconds: float = 0.0  # the clients' own training time, summed (as they report it: untrusted)
     train_loss: float | None = None
     epsilon_max: float | None = None  # over every client that has trained so far (cumulative)
     epsilon_mean: float | None = None

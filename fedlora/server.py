@@ -464,6 +464,7 @@ class Federation:
             seconds=time.perf_counter() - round_started,
             server_seconds=server_seconds,
             client_seconds=log_.client_seconds,
+            train_seconds=log_.train_seconds,
             train_loss=None if metrics is None else float(metrics["train-loss"]),
             epsilon_max=epsilon_max,
             epsilon_mean=epsilon_mean,

@@ -94,6 +94,7 @@ class RoundLog:
     bytes_up_factors: int = 0
     bytes_down: int = 0
     client_seconds: float = 0.0
+    train_seconds: float = 0.0  # the replies' own "train-seconds", summed: said by clients, for diagnostics only
     aggregate_seconds: float = 0.0
     skipped: bool = False
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -426,6 +427,7 @@ class LoraStrategy(Strategy):
         if isinstance(metrics, str):
             return metrics
         self.last_round.client_metrics[client_id] = metrics
+        self.last_round.train_seconds += max(0.0, metrics.get("train-seconds", 0.0))
         if metrics.get(REFUSED, 0.0):
             self.last_round.refused.append(
                 {"client": client_id, "reason": str(content.config_records.get(INFO_KEY, {}).get("refused-reason", ""))}

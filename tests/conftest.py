@@ -14,6 +14,7 @@ import pytest
 from flwr.app import Message, MessageType, Metadata, RecordDict
 
 from fedlora.config import ExperimentConfig, config_from_dict
+from fedlora.results import TIMING_FIELDS
 
 # Ray in tests: quiet and CPU-only.
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -165,3 +166,8 @@ def flower_task():
     """A task identity for the test's hand-made messages."""
     with task_identity():
         yield
+
+
+def without_timings(history: list[dict], also: tuple[str, ...] = ()) -> list[dict]:
+    """History lines without their wall-clock fields (and `also`): what two identical runs share."""
+    return [{k: v for k, v in line.items() if k not in TIMING_FIELDS + also} for line in history]

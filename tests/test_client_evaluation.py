@@ -23,10 +23,9 @@ from fedlora.model import classify, confusion_matrix, evaluate
 from fedlora.report import ReportError, write_report
 from fedlora.results import read_history, read_summary
 from fedlora.server import run_federation
-from tests.conftest import reply_from, tiny_config
+from tests.conftest import reply_from, tiny_config, without_timings
 
 HANDLERS = {MessageType.QUERY: handle_query, MessageType.TRAIN: handle_train, MessageType.EVALUATE: handle_evaluate}
-TIMINGS = {"seconds", "server_seconds", "client_seconds"}
 
 
 # --- the metrics ----------------------------------------------------------------------------
@@ -212,10 +211,6 @@ def run_here(config, run_dir: Path, rewrite=None) -> InProcessGrid:
     grid = InProcessGrid(config, rewrite)
     run_federation(grid, config, run_dir)
     return grid
-
-
-def without_timings(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in line.items() if k not in TIMINGS} for line in history]
 
 
 def test_with_evaluation_off_the_history_is_that_of_a_run_without_the_section(tmp_path: Path, flower_task) -> None:

@@ -25,7 +25,7 @@ from fedlora.privacy import PrivacyLedger
 from fedlora.results import read_history
 from fedlora.server import train_config
 from fedlora.task import build_lora_model
-from tests.conftest import causal_config, tiny_config
+from tests.conftest import causal_config, tiny_config, without_timings
 
 TOTAL, WARMUP = 100, 10
 
@@ -221,11 +221,6 @@ DEFAULT_RECIPE = (
     "federation.grad_accumulation=1",
     "model.lora_dropout=0.0",
 )
-TIMINGS = ("seconds", "server_seconds", "client_seconds")
-
-
-def without_timings(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in record.items() if k not in TIMINGS} for record in history]
 
 
 @pytest.mark.e2e

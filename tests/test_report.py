@@ -24,7 +24,7 @@ import pytest
 
 from fedlora.config import load_config
 from fedlora.report import config_toml
-from fedlora.results import RoundRecord, RunRecorder, read_history
+from fedlora.results import TIMING_FIELDS, RoundRecord, RunRecorder, read_history
 from fedlora.sweep import load_sweep
 from tests.conftest import TINY, run_cli
 
@@ -107,9 +107,10 @@ def test_a_sweep_starts_ray_once_and_each_run_records_what_it_records_alone(tiny
     assert not ray.is_initialized() and RayBackend.terminate.__name__ == "terminate"  # all undone after the sweep
     last = load_sweep(tiny_sweep.parent / "tiny_compare.toml").variants[-1]
     simulate(last.config, tmp_path / "alone")  # with a Ray of its own
-    timings = {"seconds", "server_seconds", "client_seconds"}
     for ours, alone in zip(read_history(tiny_sweep / last.name), read_history(tmp_path / "alone"), strict=True):
-        assert {k: v for k, v in ours.items() if k not in timings} == {k: v for k, v in alone.items() if k not in timings}
+        assert {k: v for k, v in ours.items() if k not in TIMING_FIELDS} == {
+            k: v for k, v in alone.items() if k not in TIMING_FIELDS
+        }
 
 
 @pytest.mark.e2e

@@ -19,7 +19,7 @@ from fedlora.checkpoint import load_checkpoint
 from fedlora.results import CHECKPOINT, HISTORY, read_history, read_summary
 from fedlora.server import build_server_app
 from fedlora.simulation import backend_config, simulate
-from tests.conftest import run_cli, tiny_config
+from tests.conftest import run_cli, tiny_config, without_timings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_ray")]
 
@@ -34,12 +34,7 @@ RESUME_RUN = (
     "privacy.epsilon=8.0",
     "privacy.planned_rounds=5",
 )
-TIMINGS = ("seconds", "server_seconds", "client_seconds")
 PRIVACY_FIGURES = ("epsilon_max", "epsilon_mean")
-
-
-def without_timings(history: list[dict], also: tuple[str, ...] = ()) -> list[dict]:
-    return [{k: v for k, v in record.items() if k not in TIMINGS + also} for record in history]
 
 
 def start_server_process(run_dir: Path) -> subprocess.Popen:

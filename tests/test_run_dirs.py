@@ -20,10 +20,9 @@ from fedlora.checkpoint import Checkpoint, save_checkpoint
 from fedlora.results import CHECKPOINT, CONFIG, HISTORY, SUMMARY, default_run_dir, read_history, read_summary
 from fedlora.rundir import RunDirError, RunLock, claim_run_dir
 from fedlora.simulation import simulate
-from tests.conftest import TINY, run_cli, tiny_config
+from tests.conftest import TINY, run_cli, tiny_config, without_timings
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMINGS = ("seconds", "server_seconds", "client_seconds")
 
 
 def toml_of(tree: dict, prefix: str = "") -> str:
@@ -57,10 +56,6 @@ def wait_for_round(run_dir: Path, wanted: int, process: subprocess.Popen, timeou
         assert process.poll() is None, process.stdout.read()
         time.sleep(0.1)
     raise TimeoutError(f"round {wanted} not recorded within {timeout:.0f} s")
-
-
-def without_timings(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in line.items() if k not in TIMINGS} for line in history]
 
 
 def finished_run(path: Path, rounds: int = 2) -> Path:

@@ -14,10 +14,9 @@ from fedlora.lora import LoraState
 from fedlora.model import build_lora_model, load_exported_adapter
 from fedlora.results import read_history, read_summary
 from fedlora.simulation import simulate
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, without_timings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_ray")]
-TIMING_KEYS = {"seconds", "server_seconds", "client_seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +26,14 @@ def fedit_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-def without_timings(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in history]
-
-
 def test_a_federation_of_three_clients_runs_two_rounds_and_records_them(fedit_run: Path) -> None:
     history = read_history(fedit_run)
     assert [line["round"] for line in history] == [0, 1, 2]
     for line in history[1:]:
         assert len(line["clients"]) == 3 and not line["rejected"]
         assert line["bytes_up_factors"] > 0 and line["bytes_down"] > 0
+        # The clients' own training time, a part of the round's wait for them (both wall clock).
+        assert 0 < line["train_seconds"] and line["client_seconds"] > 0
     summary = read_summary(fedit_run)
     assert summary["status"] == "finished" and summary["rounds"] == 2
     assert json.loads((fedit_run / "config.json").read_text())["model"]["name"] == "tiny"

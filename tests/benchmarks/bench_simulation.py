@@ -57,6 +57,7 @@ def experiment(clients: int, rounds: int, strategy: str, local_steps: int | None
 
 def run_flower(config, run_dir: Path) -> dict[str, Any]:
     """Run through fedlora.simulation; timestamps of every recorded round."""
+    from fedlora.results import read_history
     from fedlora.simulation import quiet_flower_logs, simulate
 
     quiet_flower_logs()
@@ -70,7 +71,32 @@ def run_flower(config, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     simulate(config, run_dir, on_round=on_round)
     ended = time.perf_counter()
-    return _figures(started, marks, ended, evaluations)
+    return _figures(started, marks, ended, evaluations) | {"later_rounds": engine_breakdown(config, read_history(run_dir))}
+
+
+def engine_breakdown(config, history: list[dict[str, Any]]) -> dict[str, float]:
+    """Per client-round of the later rounds (round 1 builds the actors' models): the wall time the
+    server waits for its clients, the clients' own training (as they time it, inside the actor),
+    and the engine's cost: actor-seconds not spent training (the message's encoding, Ray's
+    transfer, the ClientApp's set-up, scheduling, actors idle at a round's end)."""
+    later = history[2:]
+    client_rounds = sum(len(line["sampled"]) for line in later)
+    actors = min(actor_count(config), max(len(line["sampled"]) for line in later))
+    waited = sum(line["client_seconds"] for line in later)
+    training = sum(line["train_seconds"] for line in later)
+    return {
+        "client_rounds": client_rounds,
+        "actors": actors,
+        "wait_s": waited / client_rounds,
+        "train_s": training / client_rounds,
+        "engine_s": (waited * actors - training) / client_rounds,
+        "server_s": sum(line["server_seconds"] for line in later) / len(later),
+    }
+
+
+def actor_count(config) -> int:
+    """How many client actors Ray runs at once on this machine for the config."""
+    return max(1, int((os.cpu_count() or 1) / config.federation.client_cpus))
 
 
 def run_loop(config, run_dir: Path) -> dict[str, Any]:
@@ -167,7 +193,7 @@ def main(
     # spinning against other processes can make a tiny model's step many times slower.
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, int(config.federation.client_cpus)))
     env = dict(os.environ, OMP_NUM_THREADS=threads)
-    actors = max(1, int((os.cpu_count() or 1) / config.federation.client_cpus))
+    actors = actor_count(config)
     print(
         f"  {threads} torch thread(s) per process (OMP_NUM_THREADS); Ray runs {actors} client actor(s) at once, the loop one client at a time"
     )
@@ -205,6 +231,14 @@ def main(
             f"final accuracy {row['final_accuracy']:.4f}, loss {row['final_loss']:.6f}"
         )
     flower, loop = figures["flower"], figures["loop"]
+    parts = flower["later_rounds"]
+    loop_per_client_round = loop["later_round_s"] / clients
+    print(
+        f"  per client-round of the later rounds ({parts['client_rounds']} of them, {parts['actors']} actor(s)): "
+        f"the server waits {parts['wait_s']:.3f} s; an actor spends {parts['train_s']:.3f} s training and "
+        f"{parts['engine_s']:.3f} s on the engine (encoding, transfer, set-up, scheduling, idle); "
+        f"the loop {loop_per_client_round:.3f} s (training and its set-up); server {parts['server_s']:.2f} s a round"
+    )
     print(
         f"  flower / loop: total {flower['total_s'] / loop['total_s']:.2f}x, rounds only "
         f"{flower['rounds_s'] / loop['rounds_s']:.2f}x, later rounds {flower['later_round_s'] / loop['later_round_s']:.2f}x; "
@@ -217,6 +251,7 @@ def main(
         "rounds": flower["rounds_s"] / loop["rounds_s"],
         "later_rounds": flower["later_round_s"] / loop["later_round_s"],
         "startup_overhead_s": flower["startup_s"] - loop["startup_s"],
+        "engine_share_of_actor_time": parts["engine_s"] / (parts["engine_s"] + parts["train_s"]),
     }
     return figures
 
