@@ -78,6 +78,15 @@ HONEST_TAIL = 1e-12
 USER_LEVEL_REMEDY = "run fewer rounds, sample fewer clients a round, or federate more clients"
 
 
+def group_privacy(epsilon: float, delta: float, group: int) -> tuple[float, float]:
+    """The (epsilon, delta) an (epsilon, delta)-DP mechanism gives a group of `group` records:
+    (k epsilon, k e^((k-1) epsilon) delta), the conservative textbook conversion (Dwork and Roth,
+    Thm 2.2 generalized; Charles et al. 2024 account example-level sampling at the user level more
+    tightly). Applied to a client's k examples, it turns example-level DP-SGD's guarantee into a
+    user-level one."""
+    return group * epsilon, group * math.exp((group - 1) * epsilon) * delta
+
+
 def poisson_sample(clients: list[int], rate: float, seed: int, server_round: int) -> list[int]:
     """Each client independently with probability `rate`, drawn from (seed, round): a round of any size, 0 included."""
     rng = random.Random(f"{seed}:user-dp-sampling:{server_round}")

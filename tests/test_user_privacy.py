@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import tomllib
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -25,6 +28,7 @@ from fedlora.user_privacy import (
     UserLevelSettings,
     clip_to_norm,
     delta_vector,
+    group_privacy,
     honest_share_bound,
     poisson_sample,
 )
@@ -307,3 +311,37 @@ def test_a_round_with_nobody_sampled_still_releases_its_noise() -> None:
     assert sampled == [] and not strategy.last_round.skipped
     assert not torch.equal(before.flatten(), after.flatten())
     assert strategy.last_round.extra["user_dp"]["server_noise_std"] == pytest.approx(CLIP)
+
+
+# --- comparisons --------------------------------------------------------------------------
+def test_flowers_server_side_fixed_clipping_adds_the_same_noise_scale() -> None:
+    """Flower's wrapper around its FedAvg, on equal-weight replies: noise sigma S / m on the mean,
+    ours sigma S / (q N) with q N = m: the same scale (Flower 1.41 accounts only without sampling
+    amplification; ours accounts Poisson sampling)."""
+    m, sigma, step = 4, 1.3, 1e-6  # every client moves each coordinate by `step` (Flower cannot clip an all-zero update)
+    flower = DifferentialPrivacyServerSideFixedClipping(
+        FedAvg(), noise_multiplier=sigma, clipping_norm=CLIP, num_sampled_clients=m
+    )
+    flower.current_arrays = ArrayRecord({"w": Array(np.zeros(SIZE, dtype=np.float64))})
+    moved_arrays = ArrayRecord({"w": Array(np.full(SIZE, step, dtype=np.float64))})
+    content = RecordDict({"arrays": moved_arrays, "metrics": MetricRecord({"num-examples": 1})})
+    np.random.seed(5)  # Flower draws from numpy's global generator
+    arrays, _ = flower.aggregate_train(1, [reply_from(node, content) for node in range(m)])
+    changes = [torch.full((SIZE,), step, dtype=torch.float64)] * m
+    ours, _ = mechanism(sigma, clients_per_round=m).privatize(changes, m, SIZE, seed=5)
+    assert_gaussian(torch.from_numpy(arrays["w"].numpy()) - step, sigma * CLIP / m)
+    assert_gaussian(ours - step, sigma * CLIP / m)
+
+
+def test_user_dp_tomls_example_level_runs_meet_their_user_level_targets_by_group_privacy() -> None:
+    path = QUICKSTART.parent / "user_dp.toml"
+    raw = tomllib.loads(path.read_text())
+    largest = raw["data"]["num_train"] // raw["federation"]["num_clients"]  # iid: equal shares
+    variants = [v for v in raw["sweep"]["privacy"] if v["enabled"]]
+    users = [v for v in variants if v["unit"] == "user"]
+    examples = [v for v in variants if v["unit"] == "example"]
+    assert len(users) == len(examples) == 3
+    for user, example in zip(users, examples, strict=True):
+        epsilon, delta = group_privacy(example["epsilon"], example["delta"], largest)
+        assert epsilon <= user["epsilon"] + 1e-12 and delta <= raw["privacy"]["delta"]
+        assert delta >= 0.9 * raw["privacy"]["delta"]  # rounded down, not needlessly strict
