@@ -7,7 +7,8 @@ Handlers:
   replies with the trained factors only, plus metrics (num-examples, train-loss, seconds,
   cumulative epsilon), its privacy ledger and the digest of the A it used; a client whose
   budget cannot afford the round, or whose data does not match the instructed sample rate,
-  replies `refused` instead;
+  replies `refused` instead; under user-level DP with distributed noise (udp-* settings) it clips
+  its update's change and adds its share of the noise before replying (fedlora/user_privacy.py);
 - evaluate: accuracy and loss of the broadcast (global) state on the client's held-out share of
   its examples (a causal LM's: exact match of greedy generations, token loss and perplexity;
   fedlora/task.py), which it never trains on; it exists only while `evaluation.clients` > 0
@@ -38,6 +39,7 @@ from fedlora.privacy import DPInstruction, DPSettings, PrivacyLedger, sample_rat
 from fedlora.seeds import derive_seed
 from fedlora.task import Encoded, evaluate
 from fedlora.threads import client_cpus, use_threads
+from fedlora.user_privacy import ShareInstruction
 
 ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, INFO_KEY = "arrays", "config", "metrics", "info"
 # The client's DP accountant history: kept in context.state, reported in every reply; the
@@ -107,7 +109,11 @@ def handle_train(message: Message, context: Context, experiment: ExperimentConfi
             metrics.update(privacy_metrics(ledger, settings))
     metrics.update({"train-loss": result.loss, "train-steps": result.steps, "train-seconds": result.seconds})
     workspace.release_device_memory(model)
-    arrays = result.state.select(plan.trains, plan.train_head).to_array_record()
+    trained = result.state.select(plan.trains, plan.train_head)
+    share = ShareInstruction.from_config(config)
+    if share is not None:  # distributed user-level noise: the server must see only a clipped, noised change
+        trained = share.apply(trained, broadcast, derive_seed(experiment.seed, "user-dp-share", client_id, server_round))
+    arrays = trained.to_array_record()
     content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics), INFO_KEY: info, **extra_records})
     return Message(content, reply_to=message)
 

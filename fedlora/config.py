@@ -457,11 +457,30 @@ class StrategyConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    """Sample-level DP-SGD on every client (Opacus)."""
+    """Differential privacy: sample-level DP-SGD on every client (Opacus), or user-level DP-FedAvg on the server."""
 
-    enabled: bool = Field(False, description="train every client with DP-SGD")
-    epsilon: float = Field(3.0, gt=0, description="each client's privacy budget over the whole run")
-    delta: float = Field(1e-5, gt=0, lt=1, description="the budget's delta (well below 1 / the smallest client's examples)")
+    enabled: bool = Field(False, description="train under differential privacy, at the unit privacy.unit names")
+    unit: Literal["example", "user"] = Field(
+        "example",
+        description='what one guarantee protects: "example" (DP-SGD on every client: one example of a client) or "user" '
+        "(DP-FedAvg: one client's whole contribution; Poisson-sampled clients, each update clipped to user_clip, "
+        "Gaussian noise on their sum; fedlora/user_privacy.py)",
+    )
+    noise: Literal["central", "distributed"] = Field(
+        "central",
+        description='user: who adds the noise, "central" (the server: a trusted server) or "distributed" (each of the '
+        "round's m clients adds its 1/m share of the variance, as under secure aggregation: the server sees only noised "
+        "updates)",
+    )
+    user_clip: float = Field(
+        1.0, gt=0, description="user: the norm S every client's update (trained factors and head) is clipped to"
+    )
+    epsilon: float = Field(
+        3.0, gt=0, description="the privacy budget over the whole run: each client's (example), or the server's release (user)"
+    )
+    delta: float = Field(
+        1e-5, gt=0, lt=1, description="the budget's delta (well below 1 / the smallest client's examples; user: 1 / clients)"
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping norm")
     accountant: Literal["prv", "rdp"] = Field("prv", description="Opacus' privacy accountant")
     grad_sample_mode: Literal["hooks", "ghost", "functorch", "ew"] = Field(
@@ -483,6 +502,16 @@ class PrivacyConfig(_Section):
         le=MAX_ROUNDS,
         description="rounds each client is calibrated for, overriding calibration (none: from the rule)",
     )
+
+    @property
+    def example_level(self) -> bool:
+        """Whether clients train with DP-SGD (privacy on, unit "example")."""
+        return self.enabled and self.unit == "example"
+
+    @property
+    def user_level(self) -> bool:
+        """Whether the server runs DP-FedAvg (privacy on, unit "user")."""
+        return self.enabled and self.unit == "user"
 
 
 class AttackConfig(_Section):
@@ -640,17 +669,41 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 "[data.corpus] sets the built-in classification corpus; a causal LM's built-in data is the instruction task"
             )
-        if self.federation.grad_accumulation > 1 and self.privacy.enabled:
+        if self.federation.grad_accumulation > 1 and self.privacy.example_level:
             # Opacus clips and noises the whole Poisson-sampled batch at its optimizer step; split
             # into micro-batches it would need its virtual steps, which this trainer does not take.
             raise ValueError(
                 "federation.grad_accumulation: not with DP-SGD (privacy.enabled); set grad_accumulation = 1 or turn privacy off"
             )
-        if self.model.gradient_checkpointing and self.privacy.enabled:
+        if self.model.gradient_checkpointing and self.privacy.example_level:
             # Opacus records each layer's activations in forward hooks; recomputing them in the
             # backward pass would record them twice.
             raise ValueError("model.gradient_checkpointing: not with DP-SGD (Opacus' hooks); turn one of them off")
+        self._fits_user_level()
         return self
+
+    def _fits_user_level(self) -> None:
+        """User-level DP's mechanism releases one noised step every round, whatever the replies (see fedlora/user_privacy.py)."""
+        privacy = self.privacy
+        if privacy.noise != "central" and privacy.unit != "user":
+            raise ValueError(
+                "privacy.noise: distributed noise is a user-level setting; set privacy.unit = 'user' or noise = 'central'"
+            )
+        if not privacy.user_level:
+            return
+        if self.federation.min_replies != 1:
+            # Skipping a round because few replied depends on who was sampled, which the accountant does not cover.
+            raise ValueError(
+                "federation.min_replies: under privacy.unit = 'user' every round releases its noised step (even with no "
+                "reply), so a minimum cannot apply; set min_replies = 1"
+            )
+        if self.strategy.robust != "none":
+            # A rule that keeps or drops updates by comparing them makes one client's presence change what the
+            # others contribute: the sum's sensitivity is no longer the clipping norm.
+            raise ValueError(
+                f"strategy.robust: {self.strategy.robust!r} screens clients by comparing their updates, which breaks "
+                "user-level DP's sensitivity bound (one client's clipped update); set strategy.robust = 'none'"
+            )
 
     def to_json(self) -> str:
         """The resolved config as JSON (what a run directory records)."""

@@ -139,7 +139,8 @@ def _summary_rows(config: ExperimentConfig, figures: RunFigures) -> list[tuple[s
     data = config.data.source + (f" ({config.data.hf_config})" if config.data.hf_config else "")
     if privacy.enabled:
         spent = "not measured" if figures.epsilon is None else f"{figures.epsilon:.3g}"
-        dp = f"DP-SGD: epsilon {spent} spent (target {privacy.epsilon:g}, delta {privacy.delta:g})"
+        mechanism = f"user-level DP-FedAvg ({privacy.noise} noise)" if privacy.user_level else "DP-SGD"
+        dp = f"{mechanism}: epsilon {spent} spent (target {privacy.epsilon:g}, delta {privacy.delta:g})"
     else:
         dp = "none"
     score = "final exact match" if config.model.causal else "final accuracy"

@@ -76,6 +76,8 @@ SIGMA_MAX = 100.0
 SEARCH_STEPS = 40
 # A step that would exceed the target by less than this is float noise, not overspending.
 BUDGET_SLACK = 1e-9
+# What an out-of-reach example-level target can change (the user level has its own: fedlora/user_privacy.py).
+EXAMPLE_LEVEL_REMEDY = "train fewer steps, larger batches, more data per client"
 
 History = tuple[tuple[float, float, int], ...]
 
@@ -188,20 +190,23 @@ def check_delta(delta: float, smallest_client: int) -> None:
 
 
 @lru_cache(maxsize=256)
-def calibrate_noise(accountant: str, epsilon: float, delta: float, rate: float, steps: int) -> float:
+def calibrate_noise(
+    accountant: str, epsilon: float, delta: float, rate: float, steps: int, remedy: str = EXAMPLE_LEVEL_REMEDY
+) -> float:
     """The noise multiplier that spends just under `epsilon` over `steps` steps at sample rate `rate`.
 
     Brackets the aim (CALIBRATION_AIM * epsilon) searching outwards from sigma = 1 within
     [SIGMA_MIN, SIGMA_MAX], then narrows the bracket by interpolation in log-log space until the
     epsilon spent lies within CALIBRATION_TOLERANCE * epsilon under the aim; PrivacyBudgetError,
-    naming what is feasible, when the target lies outside what that range can give.
+    naming what is feasible (and `remedy`, what else could change), when the target lies outside
+    what that range can give.
     """
     aim, tolerance = CALIBRATION_AIM * epsilon, CALIBRATION_TOLERANCE * epsilon
 
     def spent(sigma: float) -> float:
         return epsilon_of(accountant, ((sigma, rate, steps),), delta)
 
-    low, high = _bracket(spent, aim, epsilon, delta, rate, steps)
+    low, high = _bracket(spent, aim, epsilon, delta, rate, steps, remedy)
     for _ in range(SEARCH_STEPS):
         if spent(high) >= aim - tolerance:
             break
@@ -216,7 +221,7 @@ def calibrate_noise(accountant: str, epsilon: float, delta: float, rate: float, 
     return high
 
 
-def _bracket(spent, aim: float, epsilon: float, delta: float, rate: float, steps: int) -> tuple[float, float]:
+def _bracket(spent, aim: float, epsilon: float, delta: float, rate: float, steps: int, remedy: str) -> tuple[float, float]:
     """(low, high) with spent(low) > aim >= spent(high), searched outwards from sigma = 1."""
     where = f"at sample rate {rate:.4g} over {steps} steps, delta {delta:g}"
     sigma = 1.0
@@ -226,7 +231,7 @@ def _bracket(spent, aim: float, epsilon: float, delta: float, rate: float, steps
                 raise PrivacyBudgetError(
                     f"privacy.epsilon: {epsilon:g} is out of reach {where}: even noise multiplier {SIGMA_MAX:g} spends "
                     f"{spent(SIGMA_MAX):.3g}; the smallest feasible epsilon is about {spent(SIGMA_MAX) / CALIBRATION_AIM:.3g} "
-                    "(or train fewer steps, larger batches, more data per client)"
+                    f"(or {remedy})"
                 )
             sigma = min(SIGMA_MAX, sigma * 4.0)
         return sigma / 4.0, sigma

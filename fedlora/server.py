@@ -41,6 +41,7 @@ from fedlora.rundir import RunLock, claim_run_dir
 from fedlora.task import Scores, evaluate, export
 from fedlora.threads import use_threads
 from fedlora.trackers import Trackers
+from fedlora.user_privacy import UserLevelPrivacy
 from strategies import build_strategy
 from strategies.base import ARRAYS_KEY, CONFIG_KEY, INFO_KEY, LEDGER_KEY, METRICS_KEY, LoraStrategy, check_against
 
@@ -313,14 +314,22 @@ class Federation:
         self.recorder = RunRecorder(run_dir, config, resume_after=checkpoint.round if checkpoint else None)
         record_start(run_dir, data_fingerprint(task), resume=checkpoint is not None)
         self.trackers.start(config, run_dir, resume=checkpoint is not None)
+        self.accounts: PrivacyAccounts | None = None  # example level: every client's ledger
+        self.user_privacy: UserLevelPrivacy | None = None  # user level: the server's mechanism and ledger
         if checkpoint is None:
             self.first_round, self.elapsed_before = 1, 0.0
             self.state = self.strategy.initial_state(initial)
-            self.accounts = PrivacyAccounts.for_run(config, self.roster.examples) if config.privacy.enabled else None
+            if config.privacy.example_level:
+                self.accounts = PrivacyAccounts.for_run(config, self.roster.examples)
+            elif config.privacy.user_level:
+                self.user_privacy = UserLevelPrivacy.for_run(config, len(self.clients))
         else:
             self.first_round, self.elapsed_before = checkpoint.round + 1, checkpoint.elapsed
             self.state = LoraState.from_tensors(checkpoint.tensors)
-            self.accounts = PrivacyAccounts.from_state(config, checkpoint.privacy) if checkpoint.privacy else None
+            if config.privacy.example_level and checkpoint.privacy:
+                self.accounts = PrivacyAccounts.from_state(config, checkpoint.privacy)
+            elif config.privacy.user_level and checkpoint.privacy:
+                self.user_privacy = UserLevelPrivacy.from_state(config, checkpoint.privacy)
             self.strategy.retired.update(checkpoint.retired)
             log(INFO, "resuming %s after round %d", run_dir, checkpoint.round)
         self.resumed = checkpoint is not None
@@ -331,6 +340,11 @@ class Federation:
                 # The round the server was killed in may have been trained and released: it counts.
                 self.accounts.charge(checkpoint.in_flight, [], self.clients)
                 log(INFO, "charged clients %s for round %d, which was interrupted", checkpoint.in_flight, self.first_round)
+        if self.user_privacy is not None:
+            self.strategy.user_privacy = self.user_privacy
+            if checkpoint is not None and checkpoint.in_flight:
+                self.user_privacy.charge()  # its clients may have trained and sent their (noised) updates
+                log(INFO, "charged the user-level ledger for round %d, which was interrupted", self.first_round)
 
     def run(self) -> dict[str, Any]:
         """Rounds first_round..rounds (fewer once every budget is spent), then the adapter and the summary."""
@@ -356,6 +370,7 @@ class Federation:
                 "weights": {str(c): w for c, w in sorted(self.strategy.weights.items())},
                 "excluded_nodes": {str(n): reason for n, reason in self.roster.excluded.items()},
                 "privacy": self.accounts.summary() if self.accounts else None,
+                "user_privacy": self.user_privacy.summary() if self.user_privacy else None,
                 "retired": {str(c): reason for c, reason in sorted(self.strategy.retired.items())},
                 "stopped_early": self.stopped,
                 "malicious": sorted(self.adversary.malicious),
@@ -391,13 +406,27 @@ class Federation:
             clients=len(self.clients),
             final_accuracy=last.accuracy,
             test_examples=len(self.test),
-            epsilon=self.accounts.epsilon_max_mean()[0] if self.accounts else None,
+            epsilon=self.epsilon_max_mean()[0],
         )
+
+    def epsilon_max_mean(self) -> tuple[float | None, float | None]:
+        """The privacy spent so far: the clients' max and mean (example level), the server's release twice (user level)."""
+        if self.accounts is not None:
+            return self.accounts.epsilon_max_mean()
+        if self.user_privacy is not None:
+            return self.user_privacy.epsilon(), self.user_privacy.epsilon()
+        return None, None
 
     def can_continue(self, server_round: int) -> bool:
         """Retire clients whose budget is spent; False (and why) once too few are left to train."""
         if self.accounts is not None:
             self.retire(self.accounts.spent())
+        if self.user_privacy is not None and not self.user_privacy.can_afford_round():
+            self.stopped = (
+                f"user-level privacy budget spent: another round would take epsilon to {self.user_privacy.epsilon(1):.3f}"
+            )
+            log(WARNING, "stopping before round %d: %s", server_round, self.stopped)
+            return False
         eligible = len(self.strategy.eligible_clients())
         if eligible >= max(1, self.config.federation.min_replies):
             return True
@@ -422,12 +451,15 @@ class Federation:
         messages = list(strategy.configure_train(server_round, self.state.to_array_record(), self.base_config, self.grid))
         if self.accounts is not None:
             instruct_privacy(self.accounts, messages, self.clients)
+        if self.accounts is not None or self.user_privacy is not None:
             self.save_checkpoint(server_round - 1, in_flight=strategy.last_round.sampled)  # write-ahead
         if adversary.poisons_data:
             instruct_poisoners(adversary, messages, self.clients)
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout))
         if self.accounts is not None:
             self.accounts.charge(strategy.last_round.sampled, replies, self.clients)
+        if self.user_privacy is not None:
+            self.user_privacy.charge()  # every round releases a noised step, even one nobody was sampled for
         if adversary.malicious:
             poison_replies(adversary, replies, strategy, server_round)
         new_arrays, metrics = strategy.aggregate_train(server_round, replies)
@@ -438,7 +470,7 @@ class Federation:
         log_ = strategy.last_round  # what the strategy saw this round
         # A client that refuses will refuse again: stop asking it.
         self.retire({int(refusal["client"]): f"refused: {refusal['reason']}" for refusal in log_.refused})
-        epsilon_max, epsilon_mean = self.accounts.epsilon_max_mean() if self.accounts else (None, None)
+        epsilon_max, epsilon_mean = self.epsilon_max_mean()
         extra = dict(log_.extra, dropped=log_.dropped) if log_.dropped else dict(log_.extra)
         personal = strategy.personalized_states()
         if personal:
@@ -516,7 +548,7 @@ class Federation:
                 round=server_round,
                 tensors=self.state.tensors(),
                 config=self.config.model_dump(mode="json"),
-                privacy=self.accounts.state() if self.accounts else None,
+                privacy=self.accounts.state() if self.accounts else self.user_privacy.state() if self.user_privacy else None,
                 retired=dict(self.strategy.retired),
                 in_flight=list(in_flight or []),
                 elapsed=self.elapsed(),

@@ -30,6 +30,7 @@ from fedlora.rundir import LOCK, RUN_FILES, RUN_FOLDERS, RunLock, claim_run_dir
 from fedlora.server import RoundCallback, build_server_app
 from fedlora.threads import thread_env
 from fedlora.trackers import check_trackers
+from fedlora.user_privacy import UserLevelSettings
 from strategies import build_defence, strategy_class
 
 
@@ -220,8 +221,8 @@ def check_runnable(config: ExperimentConfig) -> None:
     """Refuse, before anything starts, what the config alone cannot show: unknown strategy or
     defence names, too few clients a round for the defence, a tracker whose package is missing,
     resources this machine lacks, a model that cannot be had, the data (read and checked in full),
-    a privacy budget no noise can meet."""
-    strategy_class(config.strategy.name)
+    a privacy budget no noise can meet, a strategy user-level DP cannot protect."""
+    strategy_class(config.strategy.name).check_privacy(config)
     check_trackers(config.output.trackers)
     defence = build_defence(config.strategy)  # with its options and bucketing: what the server will run
     per_round = config.federation.clients_per_round
@@ -235,8 +236,10 @@ def check_runnable(config: ExperimentConfig) -> None:
     check_causal_resources(config.model)  # 4-bit base weights need CUDA and bitsandbytes
     # Every example and every client's share, checked; cached, so the server does not redo it.
     task = workspace.federated_task(config)
-    if config.privacy.enabled:  # calibrates every client now (cached for the server in this process)
+    if config.privacy.example_level:  # calibrates every client now (cached for the server in this process)
         plan_clients(config, {client: len(part.labels) for client, part in enumerate(task.partitions)})
+    if config.privacy.user_level:  # the server's sigma, likewise
+        UserLevelSettings.from_config(config, config.federation.num_clients).calibrate()
 
 
 def check_model_available(model: ModelConfig) -> None:

@@ -22,6 +22,13 @@ The bound on values (strategies/reply_values.py): a finite value can still overf
 a reply with a value beyond `MAX_VALUE` is refused like a NaN, and a new global state that holds
 one (or that the rule's linear algebra failed to produce) is not installed: the previous state
 stays, the round is skipped, and `last_round.extra["not_installed"]` says why.
+
+User-level DP (`user_privacy`, fedlora/user_privacy.py), when the server sets it: clients are
+Poisson-sampled, the valid replies' changes are clipped and noised into one private mean change
+(no minimum of replies: every round releases its step), and `aggregate_factors` receives only
+that, as a single update of weight 1; no reply reaches it, or the head's average, unclipped. A
+strategy says what that clips and noises in `user_level_dp`; one that leaves it empty is refused
+under `privacy.unit = "user"`.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from fedlora.config import MIXED_RANK_STRATEGIES, ConfigError, ExperimentConfig,
 from fedlora.lora import LoraRecordError, LoraState
 from fedlora.roster import Roster, Weighting
 from fedlora.seeds import derive_seed
+from fedlora.user_privacy import UserLevelPrivacy, delta_vector
 from strategies.reply_values import check_against, finite_metrics, state_problem
 from strategies.robust import Defence
 
@@ -135,6 +143,10 @@ class LoraStrategy(Strategy):
     trains: ClassVar[str] = "AB"  # which factors clients train and send back: "AB" or "B"
     mixed_ranks: ClassVar[bool] = False  # whether clients may train adapters of different ranks
     trains_label: ClassVar[str] = ""  # what `fedlora strategies` shows when `trains` changes by round
+    # What user-level DP clips and noises under this strategy, in words; empty: the strategy's
+    # aggregation is not a mean of per-client changes of one shape (products, stacks, a
+    # correction from the individual factors), so noise on one sum protects nobody: refused.
+    user_level_dp: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -172,18 +184,21 @@ class LoraStrategy(Strategy):
         self.last_round = RoundLog()
         self.server_round = 0
         self.aggregated_clients: list[int] = []  # whose updates aggregate_factors is given, in order (-1: a defence's)
+        self.user_privacy: UserLevelPrivacy | None = None  # user-level DP's mechanism, set by the server
         self._sent_at = 0.0
 
     @classmethod
     def from_config(cls, config: ExperimentConfig, roster: Roster) -> LoraStrategy:
         """Build from an experiment config and the handshake's roster."""
+        cls.check_privacy(config)
         return cls(
             roster=roster,
             clients_per_round=config.federation.clients_per_round,
             min_replies=config.federation.min_replies,
             seed=config.seed,
             train_head=config.model.train_head,
-            weighting=config.federation.weighting,
+            # User-level DP: every clipped update counts once (the summary's weights say so).
+            weighting="uniform" if config.privacy.user_level else config.federation.weighting,
             max_weight_ratio=config.federation.max_weight_ratio,
             lora_alpha=config.model.lora_alpha,
             client_ranks=None
@@ -191,6 +206,16 @@ class LoraStrategy(Strategy):
             else {c: config.model.rank_of(c) for c in range(config.federation.num_clients)},
             **cls.options(config.strategy),
         )
+
+    @classmethod
+    def check_privacy(cls, config: ExperimentConfig) -> None:
+        """Refuse user-level DP for a strategy that does not say what it clips and noises (ConfigError, one line)."""
+        if config.privacy.user_level and not cls.user_level_dp:
+            raise ConfigError(
+                f"privacy.unit: strategy {cls.name} cannot run under user-level DP: its aggregation is not a mean of "
+                "per-client changes of one shape (it combines the clients' factors as products or stacks), so noise on one "
+                "sum does not bound a client's influence; use fedit, ffa_lora, fedsvd or rolora, or privacy.unit = 'example'"
+            )
 
     @classmethod
     def options(cls, config: StrategyConfig) -> dict[str, object]:
@@ -258,6 +283,8 @@ class LoraStrategy(Strategy):
         """Node ids of this round's clients, drawn from (seed, round) over the eligible client ids."""
         node_of = {client: node for node, client in self.clients.items()}
         eligible = self.eligible_clients()
+        if self.user_privacy is not None:  # Poisson sampling: the round's size varies, may be 0
+            return [node_of[client] for client in self.user_privacy.sample(eligible, self.seed, server_round)]
         rng = random.Random(f"{self.seed}:{server_round}")
         chosen = rng.sample(eligible, min(self.clients_per_round, len(eligible)))
         return [node_of[client] for client in sorted(chosen)]
@@ -271,6 +298,8 @@ class LoraStrategy(Strategy):
         config["train-factors"] = self.trains
         config["train-head"] = self.train_head
         nodes = self.sample_clients(server_round)
+        if self.user_privacy is not None:  # distributed noise: each client's clip and share of the noise
+            config.update(self.user_privacy.client_instruction(len(nodes)))
         self.last_round = RoundLog(sampled=[self.clients[n] for n in nodes])
         messages = []
         for node in nodes:
@@ -289,6 +318,9 @@ class LoraStrategy(Strategy):
         round_log.client_seconds = time.perf_counter() - self._sent_at
         updates = self._valid_updates(list(replies))
         started = time.perf_counter()
+        if self.user_privacy is not None:
+            round_log.accepted = sorted(u.client_id for u in updates)
+            return self._install(server_round, [self._private_update(server_round, updates)], updates, started)
         kept, robust_update = self._defend(server_round, updates)
         round_log.dropped = sorted({u.client_id for u in updates} - {u.client_id for u in kept})
         round_log.accepted = sorted(u.client_id for u in kept)
@@ -305,8 +337,15 @@ class LoraStrategy(Strategy):
                 len(kept),
             )
             return None, None
+        return self._install(server_round, [robust_update] if robust_update else kept, kept, started)
+
+    def _install(
+        self, server_round: int, aggregated: list[ClientUpdate], kept: list[ClientUpdate], started: float
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate, and install the new state unless it is broken; the train metrics are the kept replies'."""
+        round_log = self.last_round
         try:
-            new_state = self._aggregate([robust_update] if robust_update else kept)
+            new_state = self._aggregate(aggregated)
             problem = state_problem(new_state)
         except torch.linalg.LinAlgError as err:  # e.g. an SVD that does not converge
             problem = f"the aggregation's linear algebra failed: {err}"
@@ -318,7 +357,17 @@ class LoraStrategy(Strategy):
             log(WARNING, "round %d: new global state not installed: %s", server_round, problem)
             return None, None
         self.global_state = new_state
-        return new_state.to_array_record(), self._train_metrics(kept)
+        return new_state.to_array_record(), self._train_metrics(kept) if kept else None
+
+    def _private_update(self, server_round: int, updates: list[ClientUpdate]) -> ClientUpdate:
+        """User-level DP: the clipped, noised mean change of the round, as one update of weight 1."""
+        trained = self.global_state.select(self.trains, self.train_head)
+        changes = [delta_vector(update.state, self.global_state) for update in updates]
+        size = trained.flatten().numel()
+        seed = derive_seed(self.seed, "user-dp-noise", server_round)
+        mean, figures = self.user_privacy.privatize(changes, len(self.last_round.sampled), size, seed)
+        self.last_round.extra["user_dp"] = figures
+        return ClientUpdate(-1, self.global_state.plus(trained.unflatten(mean)), 1.0, {}, {})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """The server evaluates on its held-out split; no client-side evaluation round."""

@@ -24,11 +24,17 @@ def average_factors(updates: list[LoraState], weights: torch.Tensor, parts: str 
 
 # --- Flower strategy ---
 class FedIT(LoraStrategy):
-    """Clients train A and B; the server averages each factor separately."""
+    """Clients train A and B; the server averages each factor separately.
+
+    Under user-level DP (fedlora/user_privacy.py) each client's changes of A and B (and of the
+    head, when trained) are clipped together, as one vector, and the noise covers both factors;
+    the noised mean change of A and of B is the new A and B.
+    """
 
     name = "fedit"
     description = "baseline: clients train A and B, the server averages each separately"
     trains = "AB"
+    user_level_dp = "the changes of A and B (and the head), clipped together as one vector; both noised"
 
     def aggregate_factors(self, global_state: LoraState, updates: list[LoraState], weights: torch.Tensor) -> LoraState:
         """A <- sum p_k A_k, B <- sum p_k B_k."""

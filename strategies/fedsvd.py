@@ -104,6 +104,10 @@ def _check_factors(B: Tensor, A: Tensor) -> None:
 class FedSVD(LoraStrategy):
     """Clients train B against the broadcast A; the server averages B and re-factorizes B A.
 
+    Under user-level DP (fedlora/user_privacy.py) only B's change (and the head's, when trained)
+    is clipped and noised; the refactorization then runs on the noised B with the broadcast A,
+    post-processing at no privacy cost (the new A derives from the released B and A only).
+
     Parameters (beside LoraStrategy's)
     ----------------------------------
     svd_period : int
@@ -113,6 +117,7 @@ class FedSVD(LoraStrategy):
     name = "fedsvd"
     description = "FedSVD: clients train B only; the server averages B and re-factorizes BA by SVD"
     trains = "B"
+    user_level_dp = "the change of B (and the head); the refactorization runs on the noised B, at no privacy cost"
 
     def __init__(self, *args: object, svd_period: int = 1, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)

@@ -32,11 +32,16 @@ def aggregate_b(bs: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
 
 # --- Flower strategy ---
 class FFALoRA(LoraStrategy):
-    """Clients train B only against a seeded, frozen A; the server averages B."""
+    """Clients train B only against a seeded, frozen A; the server averages B.
+
+    Under user-level DP (fedlora/user_privacy.py) only B's change (and the head's, when trained)
+    is clipped and noised: A never leaves the seed, so it needs no noise.
+    """
 
     name = "ffa_lora"
     description = "FFA-LoRA: A frozen from the seed, clients train and send B only; exact averaging"
     trains = "B"
+    user_level_dp = "the change of B (and the head); A is fixed by the seed and never noised"
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)

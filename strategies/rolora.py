@@ -31,12 +31,17 @@ def rolora_aggregate(shared: Tensor, trained: list[Tensor], weights: Tensor, par
 
 # --- Flower strategy ---
 class RoLoRA(LoraStrategy):
-    """Odd rounds clients train B against the broadcast A, even rounds A against B; the server averages the one trained."""
+    """Odd rounds clients train B against the broadcast A, even rounds A against B; the server averages the one trained.
+
+    Under user-level DP (fedlora/user_privacy.py) the round's factor's change (and the head's,
+    when trained) is clipped and noised; the other factor is the broadcast one, unchanged.
+    """
 
     name = "rolora"
     description = "RoLoRA: rounds alternate training and averaging B only, then A only; each round's average is exact"
     trains = "B"  # in odd rounds; configure_train sets the round's factor
     trains_label = "B, A alternately"
+    user_level_dp = "the change of the round's factor (and the head); the other factor is the broadcast one"
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """The train message names the round's factor (the reply is checked against it)."""
