@@ -161,7 +161,7 @@ def hostile_values(data: st.DataObject, run: Round, client: int) -> list[Sent]:
         tensors[data.draw(st.sampled_from(keys), label="key")].fill_(data.draw(FLOAT32, label="value"))
     else:  # what the scaling attack sends
         factor = data.draw(FLOAT32, label="factor")
-        reference = run.strategy.global_state.select(run.strategy.trains, head=True).tensors()
+        reference = run.strategy.global_state.select(run.strategy.uploads, head=True).tensors()
         tensors = {key: reference[key] + factor * (t - reference[key]) for key, t in tensors.items()}
     content[ARRAYS_KEY] = record_of({key: array(t) for key, t in tensors.items()})
     bad = out_of_bounds(tensors)
