@@ -36,6 +36,7 @@ from fedlora.lora import LoraState
 from fedlora.model import seeded
 from fedlora.node import node_experiment
 from fedlora.privacy import DPInstruction, DPSettings, PrivacyLedger, sample_rate
+from fedlora.rank_components import top_components
 from fedlora.seeds import derive_seed
 from fedlora.task import Encoded, evaluate
 from fedlora.threads import client_cpus, use_threads
@@ -113,8 +114,12 @@ def handle_train(message: Message, context: Context, experiment: ExperimentConfi
     workspace.release_device_memory(model)
     if plan.keeps:
         context.state[KEPT_KEY] = result.state.select(plan.keeps, head=False).to_array_record()
-    arrays = result.state.select(plan.uploads, plan.train_head).to_array_record()
-    content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics), INFO_KEY: info, **extra_records})
+    sent = result.state.select(plan.uploads, plan.train_head)
+    if "upload-rank" in config:  # LoRA-A2: only the most important rank components (fedlora/rank_components.py)
+        sent = top_components(sent, broadcast, plan.uploads, int(config["upload-rank"]))
+    content = RecordDict(
+        {ARRAYS_KEY: sent.to_array_record(), METRICS_KEY: MetricRecord(metrics), INFO_KEY: info, **extra_records}
+    )
     return Message(content, reply_to=message)
 
 

@@ -418,6 +418,12 @@ class StrategyConfig(_Section):
     fair_method: Literal["cosine", "lstsq"] = Field(
         "cosine", description="lora_fair: the correction's discrepancy, cosine (the paper's) or least squares (closed form)"
     )
+    upload_rank: int | None = Field(
+        None,
+        ge=1,
+        description="lora_a2: each client's upload budget, in rank components per adapted layer: it sends the "
+        "upload_rank x layers most important components of its whole adapter (at most model.lora_rank; none: all of them)",
+    )
     robust: str = Field(
         "none",
         description="robust aggregation wrapped around the strategy: none, zprobe (the paper's rule), zprobe_refined, "
@@ -626,6 +632,11 @@ class ExperimentConfig(_Section):
                     "model.client_ranks: mixed ranks do not go with a defence or a model-poisoning attack (both compare "
                     "updates of one shape); set strategy.robust = 'none' and attack.name = 'none' or 'label_flip'"
                 )
+        if (self.strategy.upload_rank or 0) > self.model.lora_rank:
+            raise ValueError(
+                f"strategy.upload_rank: {self.strategy.upload_rank} components a layer, more than model.lora_rank = "
+                f"{self.model.lora_rank}; set it at most the rank"
+            )
         if self.model.causal and self.attack.name == "label_flip":
             raise ValueError("attack.name: label_flip flips class labels; a causal LM has none (use a model-poisoning attack)")
         unused = [

@@ -224,8 +224,11 @@ def poison_replies(adversary: Adversary, replies: list[Message], strategy: LoraS
         client = strategy.clients.get(reply.metadata.src_node_id)
         if reply.has_error() or client is None or ARRAYS_KEY not in reply.content.array_records:
             continue
-        state = LoraState.from_array_record(reply.content[ARRAYS_KEY])
-        if check_against(state, strategy.global_state, strategy.uploads, strategy.train_head) is None:
+        state = strategy.unpack_reply(client, LoraState.from_array_record(reply.content[ARRAYS_KEY]))
+        if (
+            not isinstance(state, str)
+            and check_against(state, strategy.global_state, strategy.uploads, strategy.train_head) is None
+        ):
             states[client] = (reply, state)
     deltas = {client: state.minus(strategy.global_state) for client, (_, state) in states.items()}
     weights = {client: strategy.weights[client] for client in states}  # the server's, as the defence will see them
@@ -234,7 +237,7 @@ def poison_replies(adversary: Adversary, replies: list[Message], strategy: LoraS
     for client, update in rewritten.items():
         reply, _ = states[client]
         poisoned = strategy.global_state.plus(deltas[client].unflatten(update))
-        reply.content[ARRAYS_KEY] = poisoned.to_array_record()
+        reply.content[ARRAYS_KEY] = strategy.pack_reply(poisoned).to_array_record()
 
 
 def detection_record(adversary: Adversary, seen: list[int], flagged: list[int] | None) -> dict[str, object]:

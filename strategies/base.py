@@ -206,6 +206,16 @@ class LoraStrategy(Strategy):
     def aggregate_factors(self, global_state: LoraState, updates: list[LoraState], weights: torch.Tensor) -> LoraState:
         """New global factors from the clients' trained factors (weights sum to 1)."""
 
+    def unpack_reply(self, client_id: int, received: LoraState) -> LoraState | str:
+        """The trained factors a reply's arrays stand for, or why they cannot be read (default: the arrays
+        are the factors; LoRA-A2 expands the rank components a client selected). Checked after this."""
+        return received
+
+    def pack_reply(self, update: LoraState) -> LoraState:
+        """What a client that trained `update` sends (default: all of it): the simulated adversary's
+        rewritten update goes out in this form."""
+        return update
+
     def check_update(self, update: ClientUpdate) -> str | None:
         """A strategy-specific reason to refuse a reply, or None to accept it."""
         return None
@@ -441,15 +451,18 @@ class LoraStrategy(Strategy):
         if arrays is None:
             return "reply has no arrays"
         try:  # read-only views of the reply's bytes: strategies never write into an update
-            state = LoraState.from_array_record(arrays, copy=False)
+            received = LoraState.from_array_record(arrays, copy=False)
         except LoraRecordError as err:
             return str(err)
         # Tensor payload bytes (as for the downlink), not counting serialization headers.
-        self.last_round.bytes_up += state.num_bytes()
+        self.last_round.bytes_up += received.num_bytes()
+        state = self.unpack_reply(client_id, received)
+        if isinstance(state, str):
+            return state
         problem = check_against(state, self.reference_state(client_id), self.uploads, self.train_head)
         if problem:
             return problem
-        self.last_round.bytes_up_factors += state.factor_bytes()
+        self.last_round.bytes_up_factors += received.factor_bytes()
         info = {k: str(v) for k, v in content.config_records.get(INFO_KEY, ConfigRecord()).items()}
         update = ClientUpdate(client_id, state, self.weights[client_id], metrics, info)
         problem = self.check_update(update)

@@ -383,7 +383,9 @@ def assert_installed_or_skipped(run: Round, arrays: ArrayRecord | None, metrics:
 
 @FUZZ
 @given(
-    name=st.sampled_from(list(STRATEGIES)),
+    # LoRA-A2's replies carry selected rank components and their indices, a form of their own whose
+    # hostile variants tests/test_lora_a2.py sends; its values at the edges: tests/test_hostile_values.py.
+    name=st.sampled_from([name for name in STRATEGIES if name != "lora_a2"]),
     defence=st.sampled_from(DEFENCE_SETUPS),
     server_round=st.integers(1, 2),
     data=st.data(),

@@ -94,9 +94,9 @@ def run_round(strategy: LoraStrategy, attack: Attack | None = None, hostile_loss
         if client == HOSTILE:
             hostile = state if attack is None else attack(strategy, state)
             assert all(torch.isfinite(t).all() for t in hostile.tensors().values())  # finite, maybe too large
-            replies.append(reply(strategy, client, hostile, hostile_loss))
+            replies.append(reply(strategy, client, strategy.pack_reply(hostile), hostile_loss))
         else:
-            replies.append(reply(strategy, client, state))
+            replies.append(reply(strategy, client, strategy.pack_reply(state)))
     return strategy.aggregate_train(1, replies)
 
 
