@@ -410,7 +410,7 @@ class StrategyConfig(_Section):
     name: str = Field(
         "fedit",
         description="the aggregation strategy (`fedlora strategies` lists them): fedit, ffa_lora, fedsvd, lora_fair, "
-        "flora, flexlora, fedex_lora, fedsa_lora, rolora; or an outside class, package.module:Class, or an installed entry "
+        "flora, flexlora, fedex_lora, fedsa_lora, rolora, lora_a2; or an outside class, package.module:Class, or an installed entry "
         "point (docs/extending.md)",
     )
     svd_period: int = Field(1, ge=1, description="fedsvd: refactorize every this many rounds")
