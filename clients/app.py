@@ -8,11 +8,13 @@ Handlers:
   cumulative epsilon), its privacy ledger and the digest of the A it used; a client whose
   budget cannot afford the round, or whose data does not match the instructed sample rate,
   replies `refused` instead; under user-level DP with distributed noise (udp-* settings) it clips
-  its update's change and adds its share of the noise before replying (fedlora/user_privacy.py);
-- evaluate: accuracy and loss of the broadcast (global) state on the client's held-out share of
-  its examples (a causal LM's: exact match of greedy generations, token loss and perplexity;
-  fedlora/task.py), which it never trains on; it exists only while `evaluation.clients` > 0
-  (fedlora/client_eval.py), else the client replies `refused`.
+  its update's change and adds its share of the noise before replying (fedlora/user_privacy.py).
+  Factors the config's keep-factors names (FedSA-LoRA's B) stay in context.state instead of the
+  reply, and replace the broadcast ones from the next round on;
+- evaluate: accuracy and loss of the broadcast (global) state, with the factors the client
+  keeps, on the client's held-out share of its examples (a causal LM's: exact match of greedy
+  generations, token loss and perplexity; fedlora/task.py), which it never trains on; it exists
+  only while `evaluation.clients` > 0 (fedlora/client_eval.py), else the client replies `refused`.
 
 In simulation the experiment config comes from `build_client_app(config)`; deployed with
 `flwr run`, the module-level `app` reads it from the run config (see pyproject.toml). A deployed
@@ -36,6 +38,7 @@ from fedlora.lora import LoraState
 from fedlora.model import seeded
 from fedlora.node import node_experiment
 from fedlora.privacy import DPInstruction, DPSettings, PrivacyLedger, sample_rate
+from fedlora.rank_components import top_components
 from fedlora.seeds import derive_seed
 from fedlora.task import Encoded, evaluate
 from fedlora.threads import client_cpus, use_threads
@@ -46,6 +49,9 @@ ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, INFO_KEY = "arrays", "config", "metrics", "
 # server sends its own copy along, which wins when it holds more steps (a resumed run, a
 # restarted node that lost its state).
 LEDGER_KEY = "privacy-ledger"
+# The factors a strategy has its clients keep between rounds and never send (FedSA-LoRA's B): in
+# context.state only, so a client that has not trained yet (or lost its state) starts from the broadcast.
+KEPT_KEY = "kept-factors"
 APP_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -88,8 +94,8 @@ def handle_train(message: Message, context: Context, experiment: ExperimentConfi
     # The adapter at this client's own rank (model.client_ranks); the server sends factors of that rank.
     model = workspace.lora_model(experiment, int(config["num-labels"]), experiment.model.rank_of(client_id))
     broadcast = LoraState.from_array_record(message.content[ARRAYS_KEY])
-    broadcast.load_into(model)
     plan = TrainPlan.from_config(config, seed=derive_seed(experiment.seed, client_id, server_round))
+    with_kept_factors(broadcast, context).load_into(model)
     metrics: dict[str, float] = {"num-examples": len(examples)}
     info = ConfigRecord({"a-digest": broadcast.digest("A"), "client-id": client_id})
     settings = DPSettings.from_config(config)
@@ -109,13 +115,28 @@ def handle_train(message: Message, context: Context, experiment: ExperimentConfi
             metrics.update(privacy_metrics(ledger, settings))
     metrics.update({"train-loss": result.loss, "train-steps": result.steps, "train-seconds": result.seconds})
     workspace.release_device_memory(model)
-    trained = result.state.select(plan.trains, plan.train_head)
+    if plan.keeps:
+        context.state[KEPT_KEY] = result.state.select(plan.keeps, head=False).to_array_record()
+    sent = result.state.select(plan.uploads, plan.train_head)
     share = ShareInstruction.from_config(config)
     if share is not None:  # distributed user-level noise: the server must see only a clipped, noised change
-        trained = share.apply(trained, broadcast, derive_seed(experiment.seed, "user-dp-share", client_id, server_round))
-    arrays = trained.to_array_record()
-    content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics), INFO_KEY: info, **extra_records})
+        sent = share.apply(sent, broadcast, derive_seed(experiment.seed, "user-dp-share", client_id, server_round))
+    if "upload-rank" in config:  # LoRA-A2: only the most important rank components (fedlora/rank_components.py)
+        sent = top_components(sent, broadcast, plan.uploads, int(config["upload-rank"]))
+    content = RecordDict(
+        {ARRAYS_KEY: sent.to_array_record(), METRICS_KEY: MetricRecord(metrics), INFO_KEY: info, **extra_records}
+    )
     return Message(content, reply_to=message)
+
+
+def with_kept_factors(broadcast: LoraState, context: Context) -> LoraState:
+    """The broadcast state with the factors this client keeps (from its last round) in place of the broadcast ones."""
+    record = context.state.array_records.get(KEPT_KEY)
+    if record is None:
+        return broadcast
+    kept = LoraState.from_array_record(record)
+    factors = {layer: {**parts, **kept.factors.get(layer, {})} for layer, parts in broadcast.factors.items()}
+    return LoraState(factors=factors, head=broadcast.head)
 
 
 def restore_ledger(context: Context, message: Message, settings: DPSettings, instruction: DPInstruction) -> PrivacyLedger:
@@ -174,7 +195,8 @@ def handle_evaluate(message: Message, context: Context, experiment: ExperimentCo
         content = RecordDict({METRICS_KEY: MetricRecord({"refused": 1.0}), INFO_KEY: ConfigRecord({"refused-reason": reason})})
         return Message(content, reply_to=message)
     model = workspace.lora_model(experiment, int(config["num-labels"]))
-    LoraState.from_array_record(message.content[ARRAYS_KEY]).load_into(model)
+    # A client that keeps factors (FedSA-LoRA's B) evaluates its own model: its factors with the broadcast rest.
+    with_kept_factors(LoraState.from_array_record(message.content[ARRAYS_KEY]), context).load_into(model)
     scores = evaluate(experiment, model, examples, workspace.tokenizer(experiment))
     workspace.release_device_memory(model)
     figures = {"num-examples": len(examples), "accuracy": scores.accuracy, "loss": scores.loss}

@@ -41,7 +41,7 @@ from fedlora.privacy import DPSettings, PrivacyLedger, PrivateTraining, make_pri
 class TrainPlan:
     """What one round of local training does, as the server's train message says."""
 
-    trains: str  # "AB" or "B"
+    trains: str  # "AB", "A" or "B"
     train_head: bool
     local_steps: int
     lr: float
@@ -55,6 +55,7 @@ class TrainPlan:
     schedule_steps: int = 0  # the steps the schedule spans: the run's rounds x local_steps
     first_step: int = 0  # the schedule's step of this round's first local step: (round - 1) x local_steps
     grad_accumulation: int = 1  # micro-batches a step's batch is split into (no DP)
+    keeps: str = ""  # of the trained factors, those the client keeps to itself and never sends (FedSA-LoRA's B)
 
     @classmethod
     def from_config(cls, config: Mapping[str, object], seed: int) -> TrainPlan:
@@ -76,7 +77,13 @@ class TrainPlan:
             schedule_steps=int(config.get("schedule-steps", 0)),
             first_step=(int(config["server-round"]) - 1) * local_steps,
             grad_accumulation=int(config.get("grad-accumulation", 1)),
+            keeps=str(config.get("keep-factors", "")),
         )
+
+    @property
+    def uploads(self) -> str:
+        """The trained factors the reply carries: all but those the client keeps."""
+        return "".join(part for part in self.trains if part not in self.keeps)
 
     def lr_at(self, local_step: int) -> float:
         """The learning rate of local step `local_step` (from 0) of this round."""

@@ -410,13 +410,19 @@ class StrategyConfig(_Section):
     name: str = Field(
         "fedit",
         description="the aggregation strategy (`fedlora strategies` lists them): fedit, ffa_lora, fedsvd, lora_fair, "
-        "flora, flexlora, fedex_lora, fedsa_lora, rolora; or an outside class, package.module:Class, or an installed entry "
+        "flora, flexlora, fedex_lora, fedsa_lora, rolora, lora_a2; or an outside class, package.module:Class, or an installed entry "
         "point (docs/extending.md)",
     )
     svd_period: int = Field(1, ge=1, description="fedsvd: refactorize every this many rounds")
     fair_lambda: float = Field(0.01, ge=0, description="lora_fair: weight of ||dB|| in the correction")
     fair_method: Literal["cosine", "lstsq"] = Field(
         "cosine", description="lora_fair: the correction's discrepancy, cosine (the paper's) or least squares (closed form)"
+    )
+    upload_rank: int | None = Field(
+        None,
+        ge=1,
+        description="lora_a2: each client's upload budget, in rank components per adapted layer: it sends the "
+        "upload_rank x layers most important components of its whole adapter (at most model.lora_rank; none: all of them)",
     )
     robust: str = Field(
         "none",
@@ -655,6 +661,11 @@ class ExperimentConfig(_Section):
                     "model.client_ranks: mixed ranks do not go with a defence or a model-poisoning attack (both compare "
                     "updates of one shape); set strategy.robust = 'none' and attack.name = 'none' or 'label_flip'"
                 )
+        if (self.strategy.upload_rank or 0) > self.model.lora_rank:
+            raise ValueError(
+                f"strategy.upload_rank: {self.strategy.upload_rank} components a layer, more than model.lora_rank = "
+                f"{self.model.lora_rank}; set it at most the rank"
+            )
         if self.model.causal and self.attack.name == "label_flip":
             raise ValueError("attack.name: label_flip flips class labels; a causal LM has none (use a model-poisoning attack)")
         unused = [

@@ -12,6 +12,9 @@ stack) add a layer's "U" (d_out x q) and "V" (q x d_in): the base weight becomes
 (scaling included), where W0 is the pretrained weight. Loading a state that holds a layer's
 factors sets that layer's base weight to W0 + U V, or back to W0 without them, so that a model
 shared between rounds and clients never accumulates another state's merge.
+
+A LoRA-A2 reply sends some rank components of one factor: the factor's selected columns (B) or
+rows (A) and, under "<layer>.index", which components they are (fedlora/rank_components.py).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch import nn
 
 FACTORS = ("A", "B")
 MERGED = ("U", "V")  # a delta folded into the base weight: W = W0 + U V
+COMPONENT_INDEX = "index"  # which rank components a reply's factor holds (LoRA-A2: fedlora/rank_components.py)
 HEAD_PREFIX = "head."
 _PEFT_PREFIX = "base_model.model."
 _PEFT_FACTOR = {"lora_A": "A", "lora_B": "B"}
@@ -170,7 +174,7 @@ class LoraState:
                 state.head[key[len(HEAD_PREFIX) :]] = tensor
                 continue
             layer, _, part = key.rpartition(".")
-            if part not in FACTORS + MERGED or not layer:
+            if part not in (*FACTORS, *MERGED, COMPONENT_INDEX) or not layer:
                 raise LoraRecordError(f"unexpected array key {key!r}")
             state.factors.setdefault(layer, {})[part] = tensor
         return state

@@ -224,8 +224,11 @@ def poison_replies(adversary: Adversary, replies: list[Message], strategy: LoraS
         client = strategy.clients.get(reply.metadata.src_node_id)
         if reply.has_error() or client is None or ARRAYS_KEY not in reply.content.array_records:
             continue
-        state = LoraState.from_array_record(reply.content[ARRAYS_KEY])
-        if check_against(state, strategy.global_state, strategy.trains, strategy.train_head) is None:
+        state = strategy.unpack_reply(client, LoraState.from_array_record(reply.content[ARRAYS_KEY]))
+        if (
+            not isinstance(state, str)
+            and check_against(state, strategy.global_state, strategy.uploads, strategy.train_head) is None
+        ):
             states[client] = (reply, state)
     deltas = {client: state.minus(strategy.global_state) for client, (_, state) in states.items()}
     weights = {client: strategy.weights[client] for client in states}  # the server's, as the defence will see them
@@ -234,7 +237,7 @@ def poison_replies(adversary: Adversary, replies: list[Message], strategy: LoraS
     for client, update in rewritten.items():
         reply, _ = states[client]
         poisoned = strategy.global_state.plus(deltas[client].unflatten(update))
-        reply.content[ARRAYS_KEY] = poisoned.to_array_record()
+        reply.content[ARRAYS_KEY] = strategy.pack_reply(poisoned).to_array_record()
 
 
 def detection_record(adversary: Adversary, seen: list[int], flagged: list[int] | None) -> dict[str, object]:
@@ -472,9 +475,6 @@ class Federation:
         self.retire({int(refusal["client"]): f"refused: {refusal['reason']}" for refusal in log_.refused})
         epsilon_max, epsilon_mean = self.epsilon_max_mean()
         extra = dict(log_.extra, dropped=log_.dropped) if log_.dropped else dict(log_.extra)
-        personal = strategy.personalized_states()
-        if personal:
-            extra["personalized"] = self.evaluate_personalized(personal)
         if retired:
             extra["retired"] = {str(client): why for client, why in sorted(retired.items())}
         if adversary.malicious:
@@ -513,23 +513,6 @@ class Federation:
         self.state.load_into(self.model)
         self.last_scores = evaluate(self.config, self.model, self.test, workspace.tokenizer(self.config))
         return self.last_scores
-
-    def evaluate_personalized(self, states: dict[int, LoraState]) -> dict[str, object]:
-        """Each client's own model (FedSA-LoRA's B_k with the shared A) on the held-out split, and their mean.
-
-        The server's held-out split, since clients keep no held-out share of their own; the
-        global model's figures stay in the round's accuracy and loss.
-        """
-        scores = {}
-        for client, state in states.items():
-            state.load_into(self.model)
-            scores[client] = evaluate(self.config, self.model, self.test, workspace.tokenizer(self.config))
-        self.state.load_into(self.model)
-        return {
-            "accuracy_mean": sum(s.accuracy for s in scores.values()) / len(scores),
-            "loss_mean": sum(s.loss for s in scores.values()) / len(scores),
-            "accuracy": {str(client): s.accuracy for client, s in scores.items()},
-        }
 
     def emit(self, record: RoundRecord) -> None:
         """Append the round to the history and the trackers, log it, hand it to the progress display."""

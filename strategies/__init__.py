@@ -25,6 +25,7 @@ from strategies.ffa_lora import FFALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
 from strategies.krum import KrumDefence, MultiKrumDefence
+from strategies.lora_a2 import LoraA2
 from strategies.lora_fair import LoraFair
 from strategies.median import MedianDefence
 from strategies.rfa import RFADefence
@@ -35,7 +36,7 @@ from strategies.zprobe import ZProbeDefence
 from strategies.zprobe_refined import ZProbeRefinedDefence
 
 STRATEGIES: dict[str, type[LoraStrategy]] = {
-    cls.name: cls for cls in (FedIT, FFALoRA, FedSVD, LoraFair, FLoRA, FlexLoRA, FedExLoRA, FedSALoRA, RoLoRA)
+    cls.name: cls for cls in (FedIT, FFALoRA, FedSVD, LoraFair, FLoRA, FlexLoRA, FedExLoRA, FedSALoRA, RoLoRA, LoraA2)
 }
 NO_DEFENCE = "none"
 DEFENCES: dict[str, type[Defence]] = {

@@ -1,7 +1,7 @@
 """LoraStrategy: the Flower plumbing every LoRA strategy shares.
 
-A concrete strategy declares which factors its clients train (`trains = "B"` or `"AB"`) and
-writes one method, `aggregate_factors(global_state, updates, weights) -> new_state`. This base
+A concrete strategy declares which factors its clients train (`trains = "B"` or `"AB"`), which of
+those they keep to themselves (`keeps`: FedSA-LoRA's B never leaves the client), and writes one method, `aggregate_factors(global_state, updates, weights) -> new_state`. This base
 class does the rest: seeded client sampling (never a retired client: one whose privacy budget
 is spent), the train message, reply hygiene before any math, the server-decided weights,
 averaging the classification head, counting bytes up and down, and running the optional robust
@@ -13,7 +13,7 @@ Reply hygiene, all of it here: one reply per sampled node and round (a second is
 replies from nodes outside the federation or not sampled this round are refused; every metric
 must be a finite number within float32's range; `num-examples` must equal the count the client declared at the
 handshake (the weight comes from the declaration, `fedlora.roster`, never from a reply); the
-arrays must be exactly the factors the client was asked to train, with the global state's
+arrays must be exactly the factors the client was asked to train and send (`uploads`), with the global state's
 shapes and dtypes, all finite and bounded (below); then the strategy's own check and the server's checks
 (`reply_checks`, e.g. the privacy ledger) run. Each refusal is recorded with its reason and the
 round goes on with the valid replies.
@@ -140,7 +140,8 @@ class LoraStrategy(Strategy):
 
     name: ClassVar[str]
     description: ClassVar[str]
-    trains: ClassVar[str] = "AB"  # which factors clients train and send back: "AB" or "B"
+    trains: ClassVar[str] = "AB"  # which factors clients train: "AB" or "B"
+    keeps: ClassVar[str] = ""  # which of them clients keep between rounds and never send (their `uploads` are the rest)
     mixed_ranks: ClassVar[bool] = False  # whether clients may train adapters of different ranks
     trains_label: ClassVar[str] = ""  # what `fedlora strategies` shows when `trains` changes by round
     # What user-level DP clips and noises under this strategy, in words; empty: the strategy's
@@ -231,6 +232,16 @@ class LoraStrategy(Strategy):
     def aggregate_factors(self, global_state: LoraState, updates: list[LoraState], weights: torch.Tensor) -> LoraState:
         """New global factors from the clients' trained factors (weights sum to 1)."""
 
+    def unpack_reply(self, client_id: int, received: LoraState) -> LoraState | str:
+        """The trained factors a reply's arrays stand for, or why they cannot be read (default: the arrays
+        are the factors; LoRA-A2 expands the rank components a client selected). Checked after this."""
+        return received
+
+    def pack_reply(self, update: LoraState) -> LoraState:
+        """What a client that trained `update` sends (default: all of it): the simulated adversary's
+        rewritten update goes out in this form."""
+        return update
+
     def check_update(self, update: ClientUpdate) -> str | None:
         """A strategy-specific reason to refuse a reply, or None to accept it."""
         return None
@@ -238,13 +249,14 @@ class LoraStrategy(Strategy):
     def client_state(self, client_id: int) -> LoraState | None:
         """What this client is sent to train from, when it is not the global state (None: the global state).
 
-        FedSA-LoRA sends each client its own B, FlexLoRA a client of a smaller rank its top components.
+        FlexLoRA sends a client of a smaller rank its top components.
         """
         return None
 
-    def personalized_states(self) -> dict[int, LoraState]:
-        """Client id -> that client's own model, for strategies that personalize (default: none)."""
-        return {}
+    @property
+    def uploads(self) -> str:
+        """The factors a reply carries: those the clients train, less those they keep."""
+        return "".join(part for part in self.trains if part not in self.keeps)
 
     def global_rank(self) -> int:
         """The global state's rank (the largest client rank)."""
@@ -296,6 +308,7 @@ class LoraStrategy(Strategy):
         config = ConfigRecord(dict(config))
         config["server-round"] = server_round
         config["train-factors"] = self.trains
+        config["keep-factors"] = self.keeps
         config["train-head"] = self.train_head
         nodes = self.sample_clients(server_round)
         if self.user_privacy is not None:  # distributed noise: each client's clip and share of the noise
@@ -432,7 +445,7 @@ class LoraStrategy(Strategy):
             return [], None
         deltas = [u.state.minus(self.global_state) for u in updates]
         weights = torch.tensor([u.weight for u in updates], dtype=torch.float64)
-        self.defence.begin_round(self.trains)
+        self.defence.begin_round(self.uploads)
         screening = self.defence.screen(
             torch.stack([d.flatten() for d in deltas]), weights / weights.sum(), derive_seed(self.seed, "defence", server_round)
         )
@@ -489,15 +502,18 @@ class LoraStrategy(Strategy):
         if arrays is None:
             return "reply has no arrays"
         try:  # read-only views of the reply's bytes: strategies never write into an update
-            state = LoraState.from_array_record(arrays, copy=False)
+            received = LoraState.from_array_record(arrays, copy=False)
         except LoraRecordError as err:
             return str(err)
         # Tensor payload bytes (as for the downlink), not counting serialization headers.
-        self.last_round.bytes_up += state.num_bytes()
-        problem = check_against(state, self.reference_state(client_id), self.trains, self.train_head)
+        self.last_round.bytes_up += received.num_bytes()
+        state = self.unpack_reply(client_id, received)
+        if isinstance(state, str):
+            return state
+        problem = check_against(state, self.reference_state(client_id), self.uploads, self.train_head)
         if problem:
             return problem
-        self.last_round.bytes_up_factors += state.factor_bytes()
+        self.last_round.bytes_up_factors += received.factor_bytes()
         info = {k: str(v) for k, v in content.config_records.get(INFO_KEY, ConfigRecord()).items()}
         update = ClientUpdate(client_id, state, self.weights[client_id], metrics, info)
         problem = self.check_update(update)

@@ -1,9 +1,37 @@
-"""FedSA-LoRA (Guo et al., 2025): A is shared and averaged, B stays with each client.
+"""FedSA-LoRA (Guo et al., ICLR 2025): A is shared and averaged, B never leaves its client.
 
 The paper's finding: the A matrices learn what is general across clients and the B matrices
-what is client-specific. Clients train both; the server averages A only and keeps each client's
-B, so client k's model is (B_k, Ā): its personalized model. The global model (for clients that
-never trained, and the server's held-out evaluation) uses the averaged B̄ with Ā.
+what is client-specific. Each client trains both A and B locally and uploads A alone; the server
+averages A, Ā = sum p_k A_k, and broadcasts it. Client k's model is (B_k, Ā): its personalized
+model, and the only model the method trains.
+
+Where B lives. The client keeps its B between rounds in its own state (Flower's Context.state,
+clients/app.py: in simulation the engine keeps each node's context across rounds, on a deployed
+SuperNode the node's process keeps it for the run), and trains next round from (its own B, the
+broadcast Ā). The server never sees a B_k.
+
+What the broadcast B is. The server's B stays the global initialization B_0 (peft's: zeros) for
+the whole run. A client that has never been sampled (or has lost its state, below) starts from
+B_0 with the current Ā; on a layer of B_0 = 0 its adapter adds nothing until it trains.
+
+The server's "global" model is (B_0, Ā) with the averaged head: with B_0 = 0 it is the base
+model plus the shared head, so the server's held-out accuracy measures what is shared, not the
+clients' models. Personalized figures can only come from the clients: with evaluation.clients > 0
+each client evaluates its own (B_k, Ā) on its held-out share (fedlora/client_eval.py; a client
+that never trained evaluates (B_0, Ā)). The exported adapter is the server's (B_0, Ā).
+
+Resume. The server's checkpoint holds Ā, the head and the ledgers, never a B_k: a resumed run
+starts new client processes, whose B restart from B_0 (so does a deployed node that restarts),
+while Ā, seeds, sampling and privacy go on where they stopped. The rounds after a resume are thus
+not those of an uninterrupted run.
+
+Bytes. A reply carries A (and the head when it trains): r x d_in a layer against FedIT's
+r x (d_in + d_out), half of it on a square layer (attention's query and value).
+
+DP. Under DP-SGD each client trains A and B together: every example's gradient of both factors
+(and of the head) is clipped as one vector and noised, so the B it keeps is as private as the A it
+sends; the accounting is that of any strategy (the same steps, noise and sample rate). A defence
+screens the uploaded A (and head) updates.
 """
 
 from __future__ import annotations
@@ -14,53 +42,25 @@ from fedlora.lora import LoraState
 from strategies.base import LoraStrategy, weighted_sum
 
 
-def fedsa_aggregate(bs: list[Tensor], as_: list[Tensor], weights: Tensor) -> tuple[Tensor, Tensor]:
-    """(B̄, Ā): the global model's factors; each client's personalized model is (B_k, Ā)."""
-    return weighted_sum(bs, weights), weighted_sum(as_, weights)
+def fedsa_aggregate(initial_b: Tensor, as_: list[Tensor], weights: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, Ā) of the server's model: the initial B (the server has no B_k) and the weighted mean of A."""
+    return initial_b, weighted_sum(as_, weights)
 
 
 # --- Flower strategy ---
 class FedSALoRA(LoraStrategy):
-    """Clients train A and B; the server averages A and keeps each client's B for its next round.
-
-    A client that has trained before is sent (its own B, Ā); one that has not, the global
-    (B̄, Ā). `personalized_states` gives the server every client's own model to evaluate beside
-    the global one. The per-client B live in the server process (a resumed run restarts them
-    from the global B̄).
-    """
+    """Clients train A and B, keep B and upload A; the server averages A (module docstring)."""
 
     name = "fedsa_lora"
-    description = "FedSA-LoRA: A averaged and shared, B kept per client (personalized); global model uses the mean B"
+    description = "FedSA-LoRA: clients train A and B, keep B to themselves (personalized) and upload A, which is averaged"
     trains = "AB"
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self.own_b: dict[int, dict[str, Tensor]] = {}  # client id -> layer -> its last trained B
-
-    def client_state(self, client_id: int) -> LoraState | None:
-        """(the client's own B, Ā) once it has trained; the global state before."""
-        own = self.own_b.get(client_id)
-        if own is None:
-            return None
-        return self._personal(own)
-
-    def personalized_states(self) -> dict[int, LoraState]:
-        """Each client that has trained: its own model (B_k, Ā, the shared head)."""
-        return {client: self._personal(own) for client, own in sorted(self.own_b.items())}
+    keeps = "B"
+    trains_label = "A and B (B stays on the client)"
 
     def aggregate_factors(self, global_state: LoraState, updates: list[LoraState], weights: Tensor) -> LoraState:
-        """Ā and B̄ from the replies; each replying client's B kept."""
-        for client, update in zip(self.aggregated_clients, updates):
-            if client >= 0:  # -1: a robust defence's own statistic, nobody's B
-                self.own_b[client] = {layer: parts["B"] for layer, parts in update.factors.items()}
+        """Ā from the replies (A only); B as broadcast, the initial B."""
         factors = {}
-        for layer in global_state.factors:
-            b, a = fedsa_aggregate([u.factors[layer]["B"] for u in updates], [u.factors[layer]["A"] for u in updates], weights)
+        for layer, parts in global_state.factors.items():
+            b, a = fedsa_aggregate(parts["B"], [u.factors[layer]["A"] for u in updates], weights)
             factors[layer] = {"A": a, "B": b}
         return LoraState(factors=factors)
-
-    def _personal(self, own: dict[str, Tensor]) -> LoraState:
-        return LoraState(
-            factors={layer: {"A": parts["A"], "B": own[layer]} for layer, parts in self.global_state.factors.items()},
-            head=dict(self.global_state.head),
-        )

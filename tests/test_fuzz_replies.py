@@ -161,7 +161,7 @@ def hostile_values(data: st.DataObject, run: Round, client: int) -> list[Sent]:
         tensors[data.draw(st.sampled_from(keys), label="key")].fill_(data.draw(FLOAT32, label="value"))
     else:  # what the scaling attack sends
         factor = data.draw(FLOAT32, label="factor")
-        reference = run.strategy.global_state.select(run.strategy.trains, head=True).tensors()
+        reference = run.strategy.global_state.select(run.strategy.uploads, head=True).tensors()
         tensors = {key: reference[key] + factor * (t - reference[key]) for key, t in tensors.items()}
     content[ARRAYS_KEY] = record_of({key: array(t) for key, t in tensors.items()})
     bad = out_of_bounds(tensors)
@@ -383,7 +383,9 @@ def assert_installed_or_skipped(run: Round, arrays: ArrayRecord | None, metrics:
 
 @FUZZ
 @given(
-    name=st.sampled_from(list(STRATEGIES)),
+    # LoRA-A2's replies carry selected rank components and their indices, a form of their own whose
+    # hostile variants tests/test_lora_a2.py sends; its values at the edges: tests/test_hostile_values.py.
+    name=st.sampled_from([name for name in STRATEGIES if name != "lora_a2"]),
     defence=st.sampled_from(DEFENCE_SETUPS),
     server_round=st.integers(1, 2),
     data=st.data(),

@@ -13,6 +13,7 @@ from fedlora.roster import Roster
 from strategies import STRATEGIES
 from strategies.base import ARRAYS_KEY, INFO_KEY, METRICS_KEY, LoraStrategy
 from strategies.fedex_lora import FedExLoRA
+from strategies.fedit import FedIT
 from strategies.fedsa_lora import FedSALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
@@ -55,7 +56,8 @@ def run_round(strategy: LoraStrategy, state: LoraState, server_round: int, seed:
     for message in messages:
         client = NODES[message.metadata.dst_node_id]
         sent[client] = LoraState.from_array_record(message.content[ARRAYS_KEY])
-        parts = message.content["config"]["train-factors"]
+        config = message.content["config"]
+        parts = set(config["train-factors"]) - set(config["keep-factors"])  # what a client sends
         moved = LoraState(
             factors={
                 layer: {p: t + torch.randn(t.shape, generator=g) for p, t in f.items() if p in parts}
@@ -146,18 +148,41 @@ def test_rolora_alternates_and_averages_exactly():
         assert_close(effective(state, "l0"), average)
 
 
-def test_fedsa_keeps_each_clients_b_and_averages_a():
+def test_fedsa_clients_upload_a_alone_which_is_averaged_and_the_servers_b_stays_the_initial_one():
     strategy, state = make(FedSALoRA, None), initial()
-    _, trained, state = run_round(strategy, state, 1, seed=5)
-    expected_a = sum(w * trained[c].factors["l0"]["A"] for c, w in weights().items())
-    torch.testing.assert_close(state.factors["l0"]["A"], expected_a)
-    personal = strategy.personalized_states()
-    assert sorted(personal) == [0, 1, 2]
-    for client, own in personal.items():
-        torch.testing.assert_close(own.factors["l0"]["B"], trained[client].factors["l0"]["B"])
-        torch.testing.assert_close(own.factors["l0"]["A"], expected_a)
-    sent, _, _ = run_round(strategy, state, 2, seed=6)
-    torch.testing.assert_close(sent[1].factors["l0"]["B"], trained[1].factors["l0"]["B"])
+    for server_round in (1, 2):
+        sent, trained, new_state = run_round(strategy, state, server_round, seed=server_round)
+        assert all(set(t.factors["l0"]) == {"A"} for t in trained.values())  # B never leaves a client
+        for own in sent.values():  # everyone is sent the server's state: it holds no B_k
+            assert torch.equal(own.factors["l0"]["B"], state.factors["l0"]["B"])
+        for layer in state.factors:
+            expected_a = sum(w * trained[c].factors[layer]["A"].double() for c, w in weights().items())
+            torch.testing.assert_close(new_state.factors[layer]["A"].double(), expected_a, atol=1e-5, rtol=0)
+            assert torch.equal(new_state.factors[layer]["B"], initial().factors[layer]["B"])
+        state = new_state
+    messages = list(strategy.configure_train(3, state.to_array_record(), ConfigRecord(), grid=None))
+    assert {(m.content["config"]["train-factors"], m.content["config"]["keep-factors"]) for m in messages} == {("AB", "B")}
+
+
+def test_fedsa_uplink_is_half_of_fedits_at_the_same_rank_and_a_reply_with_b_is_refused():
+    square = LoraState(factors={f"l{i}": {"A": torch.randn(8, D_IN), "B": torch.zeros(D_IN, 8)} for i in range(2)})
+    uplink = {}
+    for cls in (FedIT, FedSALoRA):
+        strategy = make(cls, None)
+        run_round(strategy, square, 1, seed=1)
+        uplink[cls] = strategy.last_round.bytes_up_factors
+    assert uplink[FedSALoRA] * 2 == uplink[FedIT] == 3 * 2 * 2 * 8 * D_IN * 4  # 3 clients, 2 layers, A and B: 8 x 20 float32
+    strategy = make(FedSALoRA, None)
+    messages = list(strategy.configure_train(1, square.to_array_record(), ConfigRecord(), grid=None))
+    content = RecordDict(
+        {
+            ARRAYS_KEY: square.to_array_record(),  # A and B: a client that sends its B
+            METRICS_KEY: MetricRecord({"num-examples": DECLARED[0], "train-loss": 1.0}),
+            INFO_KEY: ConfigRecord({}),
+        }
+    )
+    strategy.aggregate_train(1, [reply_from(messages[0].metadata.dst_node_id, content)])
+    assert "sent factors ['A', 'B'], expected ['A']" in strategy.last_round.rejected[0]["reason"]
 
 
 def test_mixed_rank_strategies_are_the_ones_the_config_names():

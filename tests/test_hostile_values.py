@@ -45,7 +45,7 @@ def new_strategy(name: str, defence: str | None = None) -> LoraStrategy:
 
 def honest_state(strategy: LoraStrategy, client: int) -> LoraState:
     """The global state moved by a small random step, in the factors the strategy's clients train."""
-    state = strategy.global_state.select(strategy.trains, head=True).clone()
+    state = strategy.global_state.select(strategy.uploads, head=True).clone()
     g = torch.Generator().manual_seed(client)
     for tensor in state.tensors().values():
         tensor += 0.01 * torch.randn(tensor.shape, generator=g)
@@ -64,7 +64,7 @@ def alternating(state: LoraState, value: float) -> LoraState:
 
 def scaled_step(strategy: LoraStrategy, state: LoraState, factor: float) -> LoraState:
     """What the `scaling` attack sends: the client's step from the global state times `factor`."""
-    reference = strategy.global_state.select(strategy.trains, head=True)
+    reference = strategy.global_state.select(strategy.uploads, head=True)
     step = state.minus(reference)
     return reference.plus(step.unflatten(factor * step.flatten()))
 
@@ -94,9 +94,9 @@ def run_round(strategy: LoraStrategy, attack: Attack | None = None, hostile_loss
         if client == HOSTILE:
             hostile = state if attack is None else attack(strategy, state)
             assert all(torch.isfinite(t).all() for t in hostile.tensors().values())  # finite, maybe too large
-            replies.append(reply(strategy, client, hostile, hostile_loss))
+            replies.append(reply(strategy, client, strategy.pack_reply(hostile), hostile_loss))
         else:
-            replies.append(reply(strategy, client, state))
+            replies.append(reply(strategy, client, strategy.pack_reply(state)))
     return strategy.aggregate_train(1, replies)
 
 

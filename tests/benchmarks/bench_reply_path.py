@@ -5,7 +5,8 @@ hands them to a strategy: ArrayRecords inside Messages. A strategy's time is its
 `aggregate_train`: decode each reply, validate it (sender, metrics, keys, shapes, dtypes,
 finiteness), its rule's aggregation, encoding the new state. Flower's is
 `aggregate_arrayrecords` (what its FedAvg does with the replies: decode and weighted average,
-no validation) on the replies that strategy's clients send (B only for a B-only rule). The two
+no validation) on the replies that strategy's clients send (B only for a B-only rule; LoRA-A2's, at
+strategy.upload_rank = r / 4, hold components of differing shapes: Flower gets every component). The two
 alternate, and each figure is the best of --repeats, so that a busy moment on a shared machine
 hits both alike. Threads: the ServerApp's (federation.server_cpus, 1 by default) unless --threads.
 
@@ -30,30 +31,29 @@ from tests.benchmarks.bench_aggregation import RANK, llama_states
 from tests.conftest import reply_from, task_identity
 
 FIRST_NODE = 100
+OPTIONS = {"lora_a2": {"upload_rank": RANK // 4}}  # each client sends a quarter of its components
 
 
-def replies(cls: type[LoraStrategy], layers: int, clients: int) -> tuple[LoraStrategy, ArrayRecord, list[Message]]:
-    """A strategy, its round-1 state, and one reply per client with the factors it trains."""
-    global_state, updates = llama_states(layers, clients, cls.trains)
+def replies(
+    cls: type[LoraStrategy], layers: int, clients: int
+) -> tuple[LoraStrategy, ArrayRecord, list[Message], list[RecordDict]]:
+    """A strategy, its round-1 state, one reply per client with the factors it sends in its form
+    (FedSA-LoRA's A alone, LoRA-A2's selected components), and the records Flower's FedAvg averages:
+    the same replies, or for LoRA-A2, whose clients send components of differing shapes, every component."""
     examples = {client: 50 + 10 * client for client in range(clients)}
     roster = Roster({FIRST_NODE + client: client for client in range(clients)}, examples)
-    strategy = cls(roster, clients_per_round=clients, seed=0, train_head=False)
+    strategy = cls(roster, clients_per_round=clients, seed=0, train_head=False, **OPTIONS.get(cls.name, {}))
+    global_state, updates = llama_states(layers, clients, strategy.uploads)
     initial = strategy.initial_state(global_state)
+    list(strategy.configure_train(1, initial.to_array_record(), ConfigRecord(), grid=None))  # what pack_reply reads
     info = ConfigRecord({"a-digest": initial.digest("A")})  # the A the clients trained with (FFA-LoRA checks it)
-    messages = [
-        reply_from(
-            FIRST_NODE + client,
-            RecordDict(
-                {
-                    ARRAYS_KEY: update.to_array_record(),
-                    METRICS_KEY: MetricRecord({NUM_EXAMPLES: examples[client], "train-loss": 1.0}),
-                    INFO_KEY: info,
-                }
-            ),
-        )
-        for client, update in enumerate(updates)
-    ]
-    return strategy, initial.to_array_record(), messages
+
+    def content(client: int, state) -> RecordDict:
+        metrics = MetricRecord({NUM_EXAMPLES: examples[client], "train-loss": 1.0})
+        return RecordDict({ARRAYS_KEY: state.to_array_record(), METRICS_KEY: metrics, INFO_KEY: info})
+
+    messages = [reply_from(FIRST_NODE + client, content(client, strategy.pack_reply(u))) for client, u in enumerate(updates)]
+    return strategy, initial.to_array_record(), messages, [content(client, u) for client, u in enumerate(updates)]
 
 
 def timed(run: Callable[[], object]) -> float:
@@ -65,8 +65,7 @@ def timed(run: Callable[[], object]) -> float:
 
 def measure(cls: type[LoraStrategy], layers: int, clients: int, repeats: int) -> dict[str, float]:
     """Best seconds of the strategy's aggregate_train and of Flower's aggregation of the same replies."""
-    strategy, initial, messages = replies(cls, layers, clients)
-    contents = [message.content for message in messages]
+    strategy, initial, messages, contents = replies(cls, layers, clients)
     ours, flower = [], []
     for _ in range(repeats):  # alternate, so that both see the same moments of a shared machine
         list(strategy.configure_train(1, initial, ConfigRecord(), grid=None))  # round 1 sent: not timed
@@ -74,7 +73,7 @@ def measure(cls: type[LoraStrategy], layers: int, clients: int, repeats: int) ->
         if strategy.last_round.accepted != list(range(clients)):
             raise RuntimeError(f"{cls.name} refused replies: {strategy.last_round.rejected}")
         flower.append(timed(lambda: aggregate_arrayrecords(contents, NUM_EXAMPLES)))
-    return {"seconds": min(ours), "flower_seconds": min(flower), "ratio": min(ours) / min(flower)}
+    return {"seconds": min(ours), "flower_seconds": min(flower), "ratio": min(ours) / min(flower), "sent": strategy.uploads}
 
 
 def main(layers: int = 32, clients: int = 10, repeats: int = 3, threads: int | None = None) -> dict[str, dict[str, float]]:
@@ -89,7 +88,7 @@ def main(layers: int = 32, clients: int = 10, repeats: int = 3, threads: int | N
         with task_identity():
             row = figures[name] = measure(cls, layers, clients, repeats)
         print(
-            f"  {name:<10} {row['seconds']:7.3f} s   Flower FedAvg ({cls.trains}) {row['flower_seconds']:7.3f} s"
+            f"  {name:<10} {row['seconds']:7.3f} s   Flower FedAvg ({row['sent']}) {row['flower_seconds']:7.3f} s"
             f"   ratio {row['ratio']:5.2f}",
             flush=True,
         )
