@@ -15,7 +15,6 @@ touched before these checks pass.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from fedlora.config import ConfigError, ExperimentConfig
+from fedlora.config_compat import config_changes, with_defaults
 from fedlora.lora import MERGED, LoraState
 from fedlora.results import CHECKPOINT, HISTORY, read_history, read_rounds
 
@@ -66,43 +66,6 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
             f"{path}: its round, tensors or config are of the wrong type; the run cannot be continued, start a new one"
         )
     return checkpoint
-
-
-# Settings that say where and how fast a run goes, not what it computes: resume may change them.
-RESUME_MAY_CHANGE = (
-    "output",
-    "federation.ray_address",
-    "federation.client_cpus",
-    "federation.client_gpus",
-    "federation.server_cpus",
-    "federation.server_device",
-    "federation.round_timeout",
-)
-
-
-def with_defaults(started: dict[str, Any]) -> dict[str, Any]:
-    """A recorded config with the keys added since it was written at their defaults (which keep
-    the behaviour the run had), so that a newer fedlora resumes it; as recorded if it no longer
-    validates (a key that was removed: config_changes then names it)."""
-    try:
-        return ExperimentConfig.model_validate_json(json.dumps(started)).model_dump(mode="json")
-    except ValueError:
-        return started
-
-
-def config_changes(started: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two resolved configs (JSON form), operational keys aside."""
-    changed = []
-    for key in sorted(set(started) | set(now)):
-        dotted = f"{prefix}{key}"
-        if any(dotted == allowed or dotted.startswith(allowed + ".") for allowed in RESUME_MAY_CHANGE):
-            continue
-        before, after = started.get(key), now.get(key)
-        if isinstance(before, dict) and isinstance(after, dict):
-            changed += config_changes(before, after, dotted + ".")
-        elif before != after:
-            changed.append(dotted)
-    return changed
 
 
 def load_resumable(run_dir: Path, config: ExperimentConfig, initial: LoraState | None = None) -> Checkpoint | None:

@@ -43,8 +43,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedlora.checkpoint import config_changes, with_defaults
 from fedlora.config import ConfigError, ExperimentConfig, _parse_value, config_from_dict, read_config_file
+from fedlora.config_compat import config_changes, with_defaults
 from fedlora.interrupt import RunInterrupted
 from fedlora.results import CONFIG, SUMMARY, RoundRecord
 from fedlora.rundir import make_dir

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fedlora.config_compat import with_defaults
 from fedlora.report.data import Excluded, ReportError, RunResult
 from fedlora.results import CONFIG, HISTORY, SUMMARY
 
@@ -180,13 +181,14 @@ def _json_object(text: str, where: str) -> dict[str, Any]:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """config.json, its sections objects."""
+    """config.json, its sections objects; keys added to fedlora since the run filled in as the run
+    had them (fedlora/config_compat.py), so that its runs group with newer runs of the same settings."""
     config = read_object(path)
     for section in CONFIG_SECTIONS:
         if not isinstance(config.get(section, {}), dict):
             raise ReportError(f"{path}: {section!r} is {_shown(config[section])}, not a section (an object){DAMAGED}")
     _check_numbers(path, config, {"privacy.": ("epsilon",), "attack.": ("fraction",)})
-    return config
+    return with_defaults(config)
 
 
 def read_summary(path: Path) -> dict[str, Any]:
