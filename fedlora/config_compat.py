@@ -23,9 +23,14 @@ RESUME_MAY_CHANGE = (
 )
 
 
-def operational(dotted: str) -> bool:
-    """Whether a dotted config key says where and how fast a run goes (RESUME_MAY_CHANGE)."""
-    return any(dotted == key or dotted.startswith(key + ".") for key in RESUME_MAY_CHANGE)
+# Of those, the ones that cannot change what a run computes: runs differing only in them are one
+# experiment to a report (a round timeout changes which replies arrive, a device the numerics).
+SAME_EXPERIMENT = ("output", "federation.ray_address", "federation.client_cpus", "federation.server_cpus")
+
+
+def operational(dotted: str, keys: tuple[str, ...] = RESUME_MAY_CHANGE) -> bool:
+    """Whether a dotted config key is one of `keys` or under one (by default: resume may change it)."""
+    return any(dotted == key or dotted.startswith(key + ".") for key in keys)
 
 
 def _multikrum_mean_of_old_runs(config: dict[str, Any]) -> None:

@@ -52,3 +52,8 @@ def test_a_report_groups_an_older_run_with_newer_runs_of_the_same_settings(tmp_p
     comparison = compare([load_run(run) for run in runs])
     assert sorted(len(variant.runs) for variant in comparison.variants) == [1, 3]
     assert comparison.fields == ["strategy.name"]
+    # A round timeout changes which replies arrive: runs that differ in it are not one variant.
+    timed = json.loads((runs[2] / "config.json").read_text())
+    timed["federation"]["round_timeout"] = 5.0
+    (runs[2] / "config.json").write_text(json.dumps(timed))
+    assert "federation.round_timeout" in compare([load_run(run) for run in runs]).fields

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.config import _parse_value
-from fedlora.config_compat import operational
+from fedlora.config_compat import SAME_EXPERIMENT, operational
 from fedlora.report.reproduce import override_value, set_nested
 from fedlora.results import communication_mb
 
@@ -329,7 +329,7 @@ def detection_of(record: dict[str, Any]) -> tuple[float | None, float | None]:
 
 def compare(runs: list[RunResult], excluded: list[Excluded] | None = None, baseline: list[str] | None = None) -> Comparison:
     """Group runs into variants by their config differences (seed, output and the other keys that
-    say only where and how fast a run went aside: fedlora/config_compat.py), and variants
+    cannot change what a run computes aside: fedlora/config_compat.py SAME_EXPERIMENT), and variants
     into groups by held-out set; `baseline`: KEY=VALUE items that pick each group's baseline."""
     flat = {run.name: _flatten(run.config) for run in runs}
     keys: list[str] = []
@@ -337,7 +337,7 @@ def compare(runs: list[RunResult], excluded: list[Excluded] | None = None, basel
         keys += [k for k in values if k not in keys]
     differing = [k for k in keys if len({canonical(flat[name].get(k)) for name in flat}) > 1]
     experiment_keys = [k for k in keys if k.split(".")[0] != "output"]
-    fields = [k for k in differing if k != "seed" and not operational(k)]
+    fields = [k for k in differing if k != "seed" and not operational(k, SAME_EXPERIMENT)]
     groups: dict[tuple[str, ...], list[RunResult]] = {}
     for run in runs:
         groups.setdefault(tuple(canonical(flat[run.name].get(k)) for k in fields), []).append(run)
