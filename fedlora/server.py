@@ -30,7 +30,7 @@ from fedlora.accounting import PrivacyAccounts
 from fedlora.attacks import Adversary
 from fedlora.checkpoint import Checkpoint, load_resumable, save_checkpoint
 from fedlora.client_eval import ClientEvaluation, evaluation_summary, label_mix
-from fedlora.config import ExperimentConfig, FederationConfig
+from fedlora.config import ConfigError, ExperimentConfig, FederationConfig
 from fedlora.export import RunFigures
 from fedlora.interrupt import RunInterrupted
 from fedlora.lora import LoraState
@@ -55,6 +55,16 @@ SIMULATION_SETTLE_SECONDS = 1.0
 
 class FederationError(RuntimeError):
     """The federation cannot go on (too few or too many nodes, a handshake failed)."""
+
+
+def check_restorable(strategy: LoraStrategy, checkpoint: Checkpoint | None, run_dir: Path) -> None:
+    """A resume after round 0 is refused for a strategy whose clients keep factors of their own
+    (FedSA-LoRA's B): no checkpoint holds them, so the run could not go on as it was."""
+    if checkpoint is not None and checkpoint.round > 0 and strategy.keeps:
+        raise ConfigError(
+            f"{run_dir}: {strategy.name} clients keep their own {strategy.keeps} between rounds, which a resume "
+            "cannot restore (they would restart from the initial one); start a new run"
+        )
 
 
 def wait_for_nodes(grid: Grid, federation: FederationConfig, timeout: float = CONNECT_TIMEOUT) -> list[int]:
@@ -309,6 +319,7 @@ class Federation:
         self.label_mix = label_mix(task.partitions, task.class_names) if isinstance(grid, InMemoryGrid) else None
         self.last_scores: Scores | None = None  # the server's last held-out evaluation
         self.strategy = build_strategy(config, self.roster)
+        check_restorable(self.strategy, checkpoint, run_dir)
         attack = config.attack
         self.adversary = Adversary(attack.name, attack.options, config.federation.num_clients, attack.fraction, config.seed)
         self.base_config = train_config(config, task.num_labels)

@@ -21,9 +21,10 @@ each client evaluates its own (B_k, Ā) on its held-out share (fedlora/client_ev
 that never trained evaluates (B_0, Ā)). The exported adapter is the server's (B_0, Ā).
 
 Resume. The server's checkpoint holds Ā, the head and the ledgers, never a B_k: a resumed run
-starts new client processes, whose B restart from B_0 (so does a deployed node that restarts),
-while Ā, seeds, sampling and privacy go on where they stopped. The rounds after a resume are thus
-not those of an uninterrupted run.
+would start new client processes whose B restart from B_0, so its rounds would not be those of
+the run it continues. A resume after round 0 is therefore refused in one line (fedlora/server.py:
+DESIGN's rule, a resume continues exactly the run or refuses). A deployed node that restarts
+mid-run loses its B the same way and goes on from B_0; the server cannot see it.
 
 Bytes. A reply carries A (and the head when it trains): r x d_in a layer against FedIT's
 r x (d_in + d_out), half of it on a square layer (attention's query and value).

@@ -9,9 +9,12 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from clients.app import KEPT_KEY, handle_evaluate, handle_train, with_kept_factors
 from fedlora import workspace
 from fedlora.accounting import PrivacyAccounts
-from fedlora.config import ExperimentConfig
+from fedlora.checkpoint import Checkpoint
+from fedlora.config import ConfigError, ExperimentConfig
 from fedlora.lora import LoraState
-from fedlora.server import train_config
+from fedlora.roster import Roster
+from fedlora.server import check_restorable, train_config
+from strategies import build_strategy
 from tests.conftest import tiny_config
 from tests.test_privacy import declared, private_config, train_message
 
@@ -105,3 +108,17 @@ def test_under_dp_a_client_trains_both_factors_privately_keeps_b_and_sends_a() -
     assert {part for parts in sent(reply).factors.values() for part in parts} == {"A"}
     own_b = kept(client)
     assert any(torch.any(parts["B"] != 0) for parts in own_b.factors.values())  # B trained (under DP) and kept
+
+
+@pytest.mark.parametrize(
+    ("strategy", "after_round", "refused"), [("fedsa_lora", 1, True), ("fedsa_lora", 0, False), ("fedit", 1, False)]
+)
+def test_a_resume_that_could_not_restore_the_clients_own_b_is_refused(tmp_path, strategy, after_round, refused) -> None:
+    config = tiny_config(f"strategy.name={strategy!r}")
+    built = build_strategy(config, Roster({n: n for n in range(3)}, dict.fromkeys(range(3), 10)))
+    checkpoint = Checkpoint(round=after_round, tensors={})
+    if refused:
+        with pytest.raises(ConfigError, match="keep their own B between rounds"):
+            check_restorable(built, checkpoint, tmp_path)
+    else:
+        check_restorable(built, checkpoint, tmp_path)
