@@ -229,3 +229,14 @@ def test_the_uplink_is_the_core_alone_and_a_reply_with_more_is_refused(name: str
     assert arrays is not None and strategy.last_round.accepted == [0, 1]
     assert "sent factors" in str(strategy.last_round.rejected)
     assert strategy.last_round.bytes_up_factors == 2 * 3 * values_a_layer * 4  # two replies, three layers, float32
+
+
+def test_a_checkpoint_holding_cores_resumes_and_one_whose_core_does_not_fit_is_refused() -> None:
+    from fedlora.checkpoint import _state_problem
+
+    model_state = LoraState(factors={"q": {"A": torch.randn(4, 10), "B": torch.randn(12, 4)}})  # the fresh model's
+    saved = Ravan(Roster.of({0: 1}), 1, heads=2).initial_state(model_state).tensors()
+    assert _state_problem(saved, model_state) is None
+    assert "do not fit its rank 4" in _state_problem({**saved, "q.R": torch.zeros(2, 3, 3)}, model_state)
+    assert "do not fit its rank 4" in _state_problem({**saved, "q.S": torch.ones(3)}, model_state)
+    assert "no square core" in _state_problem({k: t for k, t in saved.items() if k != "q.R"}, model_state)
