@@ -34,11 +34,10 @@ FIRST_NODE = 100
 
 def replies(cls: type[LoraStrategy], layers: int, clients: int) -> tuple[LoraStrategy, ArrayRecord, list[Message]]:
     """A strategy, its round-1 state, and one reply per client with the factors it trains."""
-    global_state, updates = llama_states(layers, clients, cls.trains)
     examples = {client: 50 + 10 * client for client in range(clients)}
     roster = Roster({FIRST_NODE + client: client for client in range(clients)}, examples)
     strategy = cls(roster, clients_per_round=clients, seed=0, train_head=False)
-    initial = strategy.initial_state(global_state)
+    initial, updates = llama_states(layers, clients, cls.trains, initial=strategy.initial_state)
     info = ConfigRecord({"a-digest": initial.digest("A")})  # the A the clients trained with (FFA-LoRA checks it)
     messages = [
         reply_from(
