@@ -85,6 +85,7 @@ class FedSB(LoraStrategy):
     name = "fed_sb"
     description = "Fed-SB: B and A frozen by the server, clients train and send an r x r core R; exact averaging"
     trains = CORE
+    trains_label = "R (r x r core)"
 
     def initial_state(self, state: LoraState) -> LoraState:
         """Seeded orthonormal B and A, and R = 0 (see the module docstring for the paper's LoRA-SB start)."""

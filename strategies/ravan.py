@@ -52,6 +52,7 @@ class Ravan(LoraStrategy):
     name = "ravan"
     description = "RAVAN: h heads s_i B_i H_i A_i, bases frozen, clients train H_i and s_i; the server averages s_i H_i, exact"
     trains = CORE + SCALES
+    trains_label = "H_i, s_i (RS)"
 
     def __init__(self, *args: object, heads: int = 2, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
