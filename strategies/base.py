@@ -133,7 +133,7 @@ class LoraStrategy(Strategy):
     description: ClassVar[str]
     trains: ClassVar[str] = "AB"  # which factors clients train and send back: "AB" or "B"
     mixed_ranks: ClassVar[bool] = False  # whether clients may train adapters of different ranks
-    trains_label: ClassVar[str] = ""  # what `fedlora strategies` shows when `trains` changes by round
+    trains_label: ClassVar[str] = ""  # what `fedlora strategies` shows when `trains` alone does not say it
 
     def __init__(
         self,
