@@ -14,6 +14,7 @@ from opacus import GradSampleModule
 from clients.trainer import TrainPlan, train_local, train_local_private
 from fedlora import workspace
 from fedlora.accounting import dp_settings, plan_clients
+from fedlora.causal import build_causal_lora_model
 from fedlora.config import ConfigError
 from fedlora.lora import LoraState
 from fedlora.lora_core import LoraCore
@@ -23,7 +24,7 @@ from fedlora.roster import Roster
 from strategies.base import ARRAYS_KEY, INFO_KEY, METRICS_KEY, LoraStrategy
 from strategies.fed_sb import FedSB
 from strategies.ravan import Ravan
-from tests.conftest import reply_from, tiny_config
+from tests.conftest import causal_config, reply_from, tiny_config
 
 SHAPES = st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(0, 8), st.integers(0, 8))  # heads, q, extra d_out, d_in
 
@@ -141,6 +142,23 @@ def test_a_layer_with_a_core_computes_the_papers_update_and_exports_as_plain_lor
         state.folded().load_into(model)  # as the server exports: no core left, B multiplied by it
         assert not any("core" in name for name, _ in model.named_parameters())
         torch.testing.assert_close(model(input_ids=tokens).logits, cored, rtol=1e-5, atol=1e-5)
+
+
+def test_a_causal_lm_takes_a_core_too_and_exports_it_folded() -> None:
+    model = build_causal_lora_model(causal_config().model, seed=0).eval()
+    state = Ravan(Roster.of({0: 1}), 1, heads=2).initial_state(LoraState.from_model(model))
+    g = torch.Generator().manual_seed(0)
+    for parts in state.factors.values():
+        parts["R"], parts["S"] = torch.randn(parts["R"].shape, generator=g), torch.rand(2, generator=g) + 0.5
+    tokens = torch.randint(0, 100, (2, 10), generator=g)
+    with torch.no_grad():
+        state.select("AB", head=False).load_into(model)  # plain LoRA on the same bases: no core
+        plain = model(input_ids=tokens).logits
+        state.load_into(model)
+        cored = model(input_ids=tokens).logits
+        state.folded().load_into(model)
+        torch.testing.assert_close(model(input_ids=tokens).logits, cored, rtol=1e-4, atol=1e-4)
+    assert (cored - plain).abs().max() > 1e-3
 
 
 def test_only_the_core_trains_and_the_reply_carries_it_alone() -> None:
