@@ -6,14 +6,16 @@ B and A are shared: B (sum_k p_k R_k) A = sum_k p_k B R_k A. The uplink is R alo
 layer whatever the number of clients; the downlink is the whole state (B, A and R, as FFA-LoRA's
 broadcasts its frozen A): clients keep nothing between rounds here.
 
-Initialization, and how it departs from the paper. LoRA-SB sets B and A from the truncated SVD of
-the first full-weight gradient (summed over about 170 examples and sign-processed, -lr sign(G)),
-B = V_r, A = U_r^T and R = S_r, so that the first step of full fine-tuning is pre-applied. That
-needs the gradient of every full weight on training data, which the server does not hold (and
-under DP would spend privacy). Here B and A are seeded random orthonormal bases, drawn from
-(run seed, layer): B's columns and A's rows orthonormal, so that R -> B R A preserves norms; and
-R starts at zero, so that the adapter starts as the base model. One rank for every client
-(the paper's heterogeneous-rank variant is not offered).
+Initialization, and how it departs from the paper. LoRA-SB sets B and A from the truncated SVD
+U_r S_r V_r^T of the first full-weight update, -lr sign(G) with G the gradient summed over about
+170 examples: B = U_r, A = V_r^T and R = S_r, so that the first step of full fine-tuning is
+pre-applied and R trains in the subspaces that step found. That needs the gradient of every full
+weight on training data, which the server does not hold (and under DP would spend privacy). Here
+B and A are seeded random orthonormal bases, drawn from (run seed, layer): B's columns and A's
+rows orthonormal, so that R -> B R A preserves norms; and R starts at zero, so that the adapter
+starts as the base model. Random subspaces catch less of the gradient than the paper's, so expect
+slower progress than the paper reports at the same rank. One rank for every client (the paper's
+heterogeneous-rank variant is not offered).
 
 DP: Opacus clips each example's gradient of R (with the head's, when the head trains) jointly to
 max_grad_norm and adds Gaussian noise to their sum; B and A are frozen, so neither clipped nor
