@@ -25,6 +25,7 @@ import torch
 from fedlora.config import ConfigError, ExperimentConfig
 from fedlora.config_compat import config_changes, with_defaults
 from fedlora.lora import MERGED, LoraState
+from fedlora.lora_core import CORE, CORE_PARTS, SCALES
 from fedlora.results import CHECKPOINT, HISTORY, read_history, read_rounds
 
 
@@ -131,6 +132,18 @@ def _merged_problem(merged: dict[str, torch.Tensor], expected: dict[str, torch.T
     return None
 
 
+def _core_problem(cores: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
+    """Why a checkpoint's cores (R: h x q x q with h q the layer's rank, S: h scalars) do not fit the model, or None."""
+    for key, tensor in cores.items():
+        layer, _, part = key.rpartition(".")
+        a, core = expected.get(f"{layer}.A"), cores.get(f"{layer}.{CORE}")
+        if a is None or core is None or core.ndim != 3 or core.shape[1] != core.shape[2]:
+            return f"{key} has no square core or no layer of the model"
+        if core.shape[0] * core.shape[1] != a.shape[0] or (part == SCALES and tensor.shape != core.shape[:1]):
+            return f"{layer}: core {tuple(core.shape)}, scalars {tuple(tensor.shape)} do not fit its rank {a.shape[0]}"
+    return None
+
+
 def _state_problem(tensors: dict[str, Any], initial: LoraState | None) -> str | None:
     """Why a checkpoint's tensors cannot be the run's global state, or None."""
     for key, tensor in tensors.items():
@@ -145,7 +158,11 @@ def _state_problem(tensors: dict[str, Any], initial: LoraState | None) -> str | 
     problem = _merged_problem({key: tensors[key] for key in merged}, expected)
     if problem:
         return problem
-    tensors = {key: tensor for key, tensor in tensors.items() if key not in merged}
+    cores = {key for key in tensors if key.rpartition(".")[2] in CORE_PARTS}  # Fed-SB's, RAVAN's core
+    problem = _core_problem({key: tensors[key] for key in cores}, expected)
+    if problem:
+        return problem
+    tensors = {key: tensor for key, tensor in tensors.items() if key not in merged | cores}
     if set(tensors) != set(expected):
         missing, extra = sorted(set(expected) - set(tensors))[:2], sorted(set(tensors) - set(expected))[:2]
         return f"its tensors do not match the model (missing {missing}, unexpected {extra})"

@@ -410,10 +410,13 @@ class StrategyConfig(_Section):
     name: str = Field(
         "fedit",
         description="the aggregation strategy (`fedlora strategies` lists them): fedit, ffa_lora, fedsvd, lora_fair, "
-        "flora, flexlora, fedex_lora, fedsa_lora, rolora, lora_a2; or an outside class, package.module:Class, or an installed entry "
+        "flora, flexlora, fedex_lora, fedsa_lora, rolora, lora_a2, fed_sb, ravan; or an outside class, package.module:Class, or an installed entry "
         "point (docs/extending.md)",
     )
     svd_period: int = Field(1, ge=1, description="fedsvd: refactorize every this many rounds")
+    ravan_heads: int = Field(
+        2, ge=1, description="ravan: the number of heads h, each of rank model.lora_rank / h (h must divide the rank)"
+    )
     fair_lambda: float = Field(0.01, ge=0, description="lora_fair: weight of ||dB|| in the correction")
     fair_method: Literal["cosine", "lstsq"] = Field(
         "cosine", description="lora_fair: the correction's discrepancy, cosine (the paper's) or least squares (closed form)"
@@ -665,6 +668,11 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"strategy.upload_rank: {self.strategy.upload_rank} components a layer, more than model.lora_rank = "
                 f"{self.model.lora_rank}; set it at most the rank"
+            )
+        if self.strategy.name == "ravan" and self.model.lora_rank % self.strategy.ravan_heads:
+            raise ValueError(
+                f"strategy.ravan_heads: {self.strategy.ravan_heads} heads do not divide model.lora_rank = "
+                f"{self.model.lora_rank}; choose a divisor of the rank"
             )
         if self.model.causal and self.attack.name == "label_flip":
             raise ValueError("attack.name: label_flip flips class labels; a causal LM has none (use a model-poisoning attack)")

@@ -7,6 +7,9 @@ adapted weight is W + s * B A with s = alpha / r. Layer names drop peft's wrappe
 In a Flower ArrayRecord, factors travel as "<layer>.A" / "<layer>.B" and head parameters as
 "head.<name>". A state may hold only some parts (a client that trained B only sends B only).
 
+Fed-SB and RAVAN train a core between frozen A and B (fedlora/lora_core.py): a layer's "R"
+(h x q x q) and RAVAN's per-head scalars "S" (h), so that the layer adds s B blockdiag(s_i R_i) A.
+
 Strategies that fold an update into the frozen base weights (FedEx-LoRA's residual, FLoRA's
 stack) add a layer's "U" (d_out x q) and "V" (q x d_in): the base weight becomes W0 + U V
 (scaling included), where W0 is the pretrained weight. Loading a state that holds a layer's
@@ -32,12 +35,15 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
+from fedlora.lora_core import CORE, CORE_PARTS, SCALES, fold_core, set_core
+
 FACTORS = ("A", "B")
 MERGED = ("U", "V")  # a delta folded into the base weight: W = W0 + U V
 COMPONENT_INDEX = "index"  # which rank components a reply's factor holds (LoRA-A2: fedlora/rank_components.py)
 HEAD_PREFIX = "head."
 _PEFT_PREFIX = "base_model.model."
 _PEFT_FACTOR = {"lora_A": "A", "lora_B": "B"}
+_CORE_TOKENS = {".lora_A.default.core.weight": CORE, ".lora_A.default.core.scales": SCALES}
 _HEAD_MARKER = ".modules_to_save.default."
 
 
@@ -174,7 +180,7 @@ class LoraState:
                 state.head[key[len(HEAD_PREFIX) :]] = tensor
                 continue
             layer, _, part = key.rpartition(".")
-            if part not in (*FACTORS, *MERGED, COMPONENT_INDEX) or not layer:
+            if part not in (*FACTORS, *MERGED, *CORE_PARTS, COMPONENT_INDEX) or not layer:
                 raise LoraRecordError(f"unexpected array key {key!r}")
             state.factors.setdefault(layer, {})[part] = tensor
         return state
@@ -195,9 +201,24 @@ class LoraState:
                 state.head[layer] = param.detach().cpu().clone()
         return state
 
+    def folded(self) -> LoraState:
+        """The same adapter as plain LoRA factors: each layer's core multiplied into its B (what peft exports)."""
+        factors = {}
+        for layer, parts in self.factors.items():
+            factors[layer] = {p: t for p, t in parts.items() if p not in CORE_PARTS}
+            if CORE in parts:
+                factors[layer]["B"] = fold_core(parts["B"], parts[CORE], parts.get(SCALES))
+        return LoraState(factors=factors, head=dict(self.head))
+
     def load_into(self, model: nn.Module) -> None:
-        """Copy the tensors this state holds into a peft model (others stay as they are)."""
+        """Copy the tensors this state holds into a peft model (others stay as they are); a layer it
+        holds gets its merged delta and its core as this state has them, or none."""
         with torch.no_grad():
+            for name, module in list(model.named_modules()):  # cores first: their parameters are loaded below
+                layer = name.removeprefix("_module.").removeprefix(_PEFT_PREFIX)
+                if layer in self.factors and hasattr(module, "base_layer"):
+                    _set_base_weight(module, self.merged_delta(layer))
+                    set_core(module, self.factors[layer].get(CORE), self.factors[layer].get(SCALES))
             for name, param in model.named_parameters():
                 located = locate_parameter(name)
                 if located is None:
@@ -206,10 +227,6 @@ class LoraState:
                 source = self.factors.get(layer, {}).get(part) if kind == "factor" else self.head.get(layer)
                 if source is not None:
                     param.copy_(source.to(param.device, param.dtype))
-            for name, module in model.named_modules():
-                layer = name.removeprefix("_module.").removeprefix(_PEFT_PREFIX)
-                if layer in self.factors and hasattr(module, "base_layer"):
-                    _set_base_weight(module, self.merged_delta(layer))
 
 
 def has_merged_delta(model: nn.Module) -> bool:
@@ -278,7 +295,7 @@ def _npy_header(header: bytes) -> tuple[int, np.dtype, tuple[int, ...], bool]:
 
 
 def locate_parameter(param_name: str) -> tuple[str, str, str] | None:
-    """Map a peft parameter name to ("factor", layer, "A"|"B") or ("head", name, "")."""
+    """Map a peft parameter name to ("factor", layer, "A"|"B"|"R"|"S") or ("head", name, "")."""
     # Opacus wraps the model and prefixes every name with "_module.".
     name = param_name.removeprefix("_module.").removeprefix(_PEFT_PREFIX)
     if _HEAD_MARKER in name:
@@ -286,6 +303,9 @@ def locate_parameter(param_name: str) -> tuple[str, str, str] | None:
         return "head", f"{module}.{leaf}", ""
     for marker, part in _PEFT_FACTOR.items():
         token = f".{marker}.default.weight"
+        if name.endswith(token):
+            return "factor", name[: -len(token)], part
+    for token, part in _CORE_TOKENS.items():
         if name.endswith(token):
             return "factor", name[: -len(token)], part
     return None

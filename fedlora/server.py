@@ -400,8 +400,9 @@ class Federation:
         return summary
 
     def write_adapter(self, folder: Path) -> None:
-        """The global state as the adapter folder of the task (fedlora/export.py), its card at the last recorded round."""
-        self.state.load_into(self.model)
+        """The global state as the adapter folder of the task (fedlora/export.py), its card at the last recorded round.
+        A trained core (Fed-SB, RAVAN) goes out multiplied into B: peft knows plain LoRA factors only."""
+        self.state.folded().load_into(self.model)
         export(self.config, self.model, folder, workspace.tokenizer(self.config), self.class_names, self.figures())
 
     def save_round_adapter(self, server_round: int) -> None:

@@ -17,6 +17,7 @@ from strategies.base import LoraStrategy
 from strategies.bucketing import BucketingDefence, bucket_phi
 from strategies.bulyan import BulyanDefence
 from strategies.centered_clipping import CenteredClippingDefence
+from strategies.fed_sb import FedSB
 from strategies.fedex_lora import FedExLoRA
 from strategies.fedit import FedIT
 from strategies.fedsa_lora import FedSALoRA
@@ -28,6 +29,7 @@ from strategies.krum import KrumDefence, MultiKrumDefence
 from strategies.lora_a2 import LoraA2
 from strategies.lora_fair import LoraFair
 from strategies.median import MedianDefence
+from strategies.ravan import Ravan
 from strategies.rfa import RFADefence
 from strategies.robust import Defence
 from strategies.rolora import RoLoRA
@@ -36,7 +38,8 @@ from strategies.zprobe import ZProbeDefence
 from strategies.zprobe_refined import ZProbeRefinedDefence
 
 STRATEGIES: dict[str, type[LoraStrategy]] = {
-    cls.name: cls for cls in (FedIT, FFALoRA, FedSVD, LoraFair, FLoRA, FlexLoRA, FedExLoRA, FedSALoRA, RoLoRA, LoraA2)
+    cls.name: cls
+    for cls in (FedIT, FFALoRA, FedSVD, LoraFair, FLoRA, FlexLoRA, FedExLoRA, FedSALoRA, RoLoRA, LoraA2, FedSB, Ravan)
 }
 NO_DEFENCE = "none"
 DEFENCES: dict[str, type[Defence]] = {

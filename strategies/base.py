@@ -143,7 +143,7 @@ class LoraStrategy(Strategy):
     trains: ClassVar[str] = "AB"  # which factors clients train: "AB" or "B"
     keeps: ClassVar[str] = ""  # which of them clients keep between rounds and never send (their `uploads` are the rest)
     mixed_ranks: ClassVar[bool] = False  # whether clients may train adapters of different ranks
-    trains_label: ClassVar[str] = ""  # what `fedlora strategies` shows when `trains` changes by round
+    trains_label: ClassVar[str] = ""  # what `fedlora strategies` shows when `trains` alone does not say it
     # What user-level DP clips and noises under this strategy, in words; empty: the strategy's
     # aggregation is not a mean of per-client changes of one shape (products, stacks, a
     # correction from the individual factors), so noise on one sum protects nobody: refused.

@@ -95,7 +95,8 @@ class Round:
         clients = self.honest_count + hostile + 1  # + 1 never sampled
         roster = Roster({FIRST_NODE + k: k for k in range(clients)}, dict.fromkeys(range(clients), EXAMPLES))
         self.strategy: LoraStrategy = STRATEGIES[name](roster, clients_per_round=clients - 1, defence=screen)
-        list(self.strategy.configure_train(server_round, global_state().to_array_record(), ConfigRecord(), grid=None))
+        self.start = self.strategy.initial_state(global_state())  # as the server starts: Fed-SB's and RAVAN's cores in it
+        list(self.strategy.configure_train(server_round, self.start.to_array_record(), ConfigRecord(), grid=None))
         sampled = self.strategy.last_round.sampled
         self.honest, self.hostile = sampled[: self.honest_count], sampled[self.honest_count :]
         (self.idle,) = set(range(clients)) - set(sampled)
@@ -369,7 +370,7 @@ def assert_installed_or_skipped(run: Round, arrays: ArrayRecord | None, metrics:
     log = run.strategy.last_round
     if arrays is None:
         assert metrics is None and log.skipped
-        assert torch.equal(run.strategy.global_state.flatten(), global_state().flatten())  # the previous state stays
+        assert torch.equal(run.strategy.global_state.flatten(), run.start.flatten())  # the previous state stays
     else:
         assert not log.skipped and log.accepted
         assert_installable(arrays)

@@ -87,7 +87,8 @@ Attack = Callable[[LoraStrategy, LoraState], LoraState]  # (strategy, honest sta
 def run_round(strategy: LoraStrategy, attack: Attack | None = None, hostile_loss: float = 1.0):
     """Round 1 with every client honest except HOSTILE, which sends attack(strategy, its honest state)
     and reports `hostile_loss`."""
-    list(strategy.configure_train(1, global_state().to_array_record(), ConfigRecord(), grid=None))
+    start = strategy.initial_state(global_state())  # as the server starts: Fed-SB's and RAVAN's cores in it
+    list(strategy.configure_train(1, start.to_array_record(), ConfigRecord(), grid=None))
     replies = []
     for client in range(N):
         state = honest_state(strategy, client)

@@ -19,6 +19,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,8 +39,11 @@ SHAPES = {  # (d_out, d_in) per projection of one Llama-7B decoder layer
 RANK = 16
 
 
-def llama_states(layers: int, clients: int, trains: str, seed: int = 0) -> tuple[LoraState, list[LoraState]]:
-    """A global state and the clients' trained factors (random, as after local training)."""
+def llama_states(
+    layers: int, clients: int, trains: str, seed: int = 0, initial: Callable[[LoraState], LoraState] = lambda state: state
+) -> tuple[LoraState, list[LoraState]]:
+    """A global state (a strategy's `initial` state of random factors: Fed-SB's and RAVAN's hold their
+    cores only from there) and the clients' trained factors (random, as after local training)."""
     g = torch.Generator().manual_seed(seed)
     global_state = LoraState()
     for i in range(layers):
@@ -49,6 +53,7 @@ def llama_states(layers: int, clients: int, trains: str, seed: int = 0) -> tuple
                 "A": torch.randn(RANK, d_in, generator=g) / d_in**0.5,
                 "B": torch.randn(d_out, RANK, generator=g) * 1e-3,
             }
+    global_state = initial(global_state)
     updates = []
     for _ in range(clients):
         updates.append(
@@ -71,8 +76,8 @@ def measure_one(strategy_name: str, layers: int, clients: int) -> dict[str, floa
     roster = Roster({i: i for i in range(clients)}, {i: 100 for i in range(clients)})
     strategy = cls(roster, clients_per_round=clients, seed=0, train_head=False)
     baseline = resident_bytes(reset_peak=True)  # the process before any adapter
-    global_state, updates = llama_states(layers, clients, cls.trains)
-    strategy.global_state = strategy.initial_state(global_state)
+    global_state, updates = llama_states(layers, clients, cls.trains, initial=strategy.initial_state)
+    strategy.global_state = global_state
     strategy.server_round = 1
     weights = torch.rand(clients, dtype=torch.float64) + 0.5
     weights /= weights.sum()

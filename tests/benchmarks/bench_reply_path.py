@@ -43,8 +43,7 @@ def replies(
     examples = {client: 50 + 10 * client for client in range(clients)}
     roster = Roster({FIRST_NODE + client: client for client in range(clients)}, examples)
     strategy = cls(roster, clients_per_round=clients, seed=0, train_head=False, **OPTIONS.get(cls.name, {}))
-    global_state, updates = llama_states(layers, clients, strategy.uploads)
-    initial = strategy.initial_state(global_state)
+    initial, updates = llama_states(layers, clients, strategy.uploads, initial=strategy.initial_state)
     list(strategy.configure_train(1, initial.to_array_record(), ConfigRecord(), grid=None))  # what pack_reply reads
     info = ConfigRecord({"a-digest": initial.digest("A")})  # the A the clients trained with (FFA-LoRA checks it)
 
