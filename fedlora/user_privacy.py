@@ -39,9 +39,9 @@ DP-SGD; the server's aggregation is the private mechanism. Each round:
    the sensitivity, depend on who was sampled). Every clipped update has the same weight:
    the declared example counts (`federation.weighting`) do not enter user-level aggregation.
 5. The strategy's own rule then runs on the private mean as if it were one client's update
-   (FedIT, FFA-LoRA, RoLoRA: it is the new factor; FedSVD refactorizes the noised B), which is
-   post-processing at no privacy cost. Strategies whose aggregation is not such a mean are
-   refused (`LoraStrategy.user_level_dp`, strategies/base.py).
+   (FedIT, FFA-LoRA, RoLoRA, LoRA-A2, FedSA-LoRA's A: it is the new factor; FedSVD refactorizes
+   the noised B), which is post-processing at no privacy cost. Strategies whose aggregation is not
+   such a mean, or that do not declare their own `user_level_dp` (strategies/base.py), are refused.
 
 sigma is calibrated once, before anything starts, from (epsilon, delta, rounds, q) with Opacus'
 accountant (`fedlora.privacy.calibrate_noise`: the same search, PRV or RDP), for every round of

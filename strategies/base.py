@@ -144,9 +144,10 @@ class LoraStrategy(Strategy):
     keeps: ClassVar[str] = ""  # which of them clients keep between rounds and never send (their `uploads` are the rest)
     mixed_ranks: ClassVar[bool] = False  # whether clients may train adapters of different ranks
     trains_label: ClassVar[str] = ""  # what `fedlora strategies` shows when `trains` changes by round
-    # What user-level DP clips and noises under this strategy, in words; empty: the strategy's
-    # aggregation is not a mean of per-client changes of one shape (products, stacks, a
-    # correction from the individual factors), so noise on one sum protects nobody: refused.
+    # What user-level DP clips and noises under this strategy, in words, declared by the class
+    # itself (a subclass changes the aggregation, so it never inherits its parent's); empty: the
+    # strategy's aggregation is not a mean of per-client changes of one shape (products, stacks,
+    # a correction from the individual factors), so noise on one sum protects nobody: refused.
     user_level_dp: ClassVar[str] = ""
 
     def __init__(
@@ -211,11 +212,12 @@ class LoraStrategy(Strategy):
     @classmethod
     def check_privacy(cls, config: ExperimentConfig) -> None:
         """Refuse user-level DP for a strategy that does not say what it clips and noises (ConfigError, one line)."""
-        if config.privacy.user_level and not cls.user_level_dp:
+        if config.privacy.user_level and not cls.__dict__.get("user_level_dp"):
             raise ConfigError(
-                f"privacy.unit: strategy {cls.name} cannot run under user-level DP: its aggregation is not a mean of "
-                "per-client changes of one shape (it combines the clients' factors as products or stacks), so noise on one "
-                "sum does not bound a client's influence; use fedit, ffa_lora, fedsvd or rolora, or privacy.unit = 'example'"
+                f"privacy.unit: strategy {cls.name} cannot run under user-level DP: it does not declare what is clipped and "
+                "noised (its own user_level_dp), and a rule that combines the clients' factors as products, stacks or "
+                "corrections is no mean that noise on one sum protects; use fedit, ffa_lora, fedsvd, rolora, fedsa_lora or "
+                "lora_a2, or privacy.unit = 'example'"
             )
 
     @classmethod
@@ -374,7 +376,7 @@ class LoraStrategy(Strategy):
 
     def _private_update(self, server_round: int, updates: list[ClientUpdate]) -> ClientUpdate:
         """User-level DP: the clipped, noised mean change of the round, as one update of weight 1."""
-        trained = self.global_state.select(self.trains, self.train_head)
+        trained = self.global_state.select(self.uploads, self.train_head)  # what a reply carries (FedSA-LoRA: A)
         changes = [delta_vector(update.state, self.global_state) for update in updates]
         size = trained.flatten().numel()
         seed = derive_seed(self.seed, "user-dp-noise", server_round)

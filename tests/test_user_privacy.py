@@ -81,8 +81,13 @@ def reply(node: int, state: LoraState, a_digest: str) -> Message:
     return reply_from(node, content)
 
 
+# What each strategy accepted at user level is built with here (LoRA-A2: 1 component of 2 a layer).
+OPTIONS: dict[str, dict[str, object]] = {"lora_a2": {"upload_rank": 1}}
+USER_LEVEL = sorted(name for name, cls in STRATEGIES.items() if cls.__dict__.get("user_level_dp"))
+
+
 def private_strategy(cls: type[LoraStrategy], privacy: UserLevelPrivacy) -> LoraStrategy:
-    strategy = cls(ROSTER, clients_per_round=4, seed=3, weighting="uniform")
+    strategy = cls(ROSTER, clients_per_round=4, seed=3, weighting="uniform", **OPTIONS.get(cls.name, {}))
     strategy.user_privacy = privacy
     return strategy
 
@@ -91,8 +96,11 @@ def run_round(strategy: LoraStrategy, scale: float, server_round: int = 1) -> tu
     """One round from `strategy.initial_state(global_state())`: (before, after, sampled clients); replies moved by `scale`."""
     before = strategy.initial_state(global_state())
     messages = list(strategy.configure_train(server_round, before.to_array_record(), ConfigRecord(), grid=None))
-    trained = before.select(strategy.trains, strategy.train_head)
-    replies = [reply(m.metadata.dst_node_id, moved(trained, scale, m.metadata.dst_node_id), before.digest("A")) for m in messages]
+    trained = before.select(strategy.uploads, strategy.train_head)
+    replies = [
+        reply(node, strategy.pack_reply(moved(trained, scale, node)), before.digest("A"))
+        for node in (m.metadata.dst_node_id for m in messages)
+    ]
     arrays, _ = strategy.aggregate_train(server_round, replies)
     return before, LoraState.from_array_record(arrays), strategy.last_round.sampled
 
@@ -130,8 +138,9 @@ def test_the_ledger_survives_a_checkpoint() -> None:
             "privacy.unit: strategy flora cannot run under user-level DP",
         ),
         (("strategy.name='lora_fair'",), "privacy.unit: strategy lora_fair cannot run under user-level DP"),
+        (("strategy.name='lora_a2'", "privacy.noise='distributed'"), "privacy.noise: lora_a2 clients send only their top"),
     ],
-    ids=["delta", "epsilon-huge", "epsilon-tiny", "flora", "lora-fair"],
+    ids=["delta", "epsilon-huge", "epsilon-tiny", "flora", "lora-fair", "lora-a2-distributed"],
 )
 def test_what_user_level_dp_cannot_give_is_refused_before_anything_starts(overrides: tuple[str, ...], message: str) -> None:
     with pytest.raises((PrivacyBudgetError, ConfigError)) as caught:
@@ -164,12 +173,20 @@ def test_settings_that_break_the_mechanism_are_refused_by_the_config(overrides: 
 def test_every_strategy_either_says_what_it_clips_or_is_refused() -> None:
     config = user_config()
     for name, cls in STRATEGIES.items():
-        if cls.user_level_dp:
+        if name in USER_LEVEL:
             cls.check_privacy(config)
         else:
             with pytest.raises(ConfigError, match=f"strategy {name} cannot run under user-level DP"):
                 cls.check_privacy(config)
-    assert {name for name, cls in STRATEGIES.items() if cls.user_level_dp} >= {"fedit", "ffa_lora", "fedsvd", "rolora"}
+    assert USER_LEVEL == ["fedit", "fedsa_lora", "fedsvd", "ffa_lora", "lora_a2", "rolora"]
+
+
+def test_a_subclass_does_not_inherit_what_its_parent_clips() -> None:
+    class Derived(FedIT):  # a new aggregation rule, which says nothing of user-level DP
+        name = "derived"
+
+    with pytest.raises(ConfigError, match="strategy derived cannot run under user-level DP"):
+        Derived.check_privacy(user_config())
 
 
 # --- sampling and clipping ----------------------------------------------------------------
@@ -260,8 +277,9 @@ def test_the_server_clips_a_distributed_reply_that_skipped_its_clipping() -> Non
 
 
 # --- strategies ---------------------------------------------------------------------------
-@pytest.mark.parametrize("cls", [FedIT, FFALoRA, FedSVD])
-def test_no_update_reaches_the_aggregation_unclipped(cls: type[LoraStrategy], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", USER_LEVEL)
+def test_no_update_reaches_the_aggregation_unclipped(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    cls = STRATEGIES[name]
     strategy = private_strategy(cls, mechanism(noise_multiplier=0.0))
     seen: list[list[LoraState]] = []
     original = cls.aggregate_factors
@@ -270,7 +288,7 @@ def test_no_update_reaches_the_aggregation_unclipped(cls: type[LoraStrategy], mo
     )
     before, after, sampled = run_round(strategy, scale=1e3)
     assert sampled and len(seen) == 1 and len(seen[0]) == 1  # one private update, never a client's
-    private = seen[0][0].minus(before.select(cls.trains, True)).flatten()
+    private = seen[0][0].minus(before.select(strategy.uploads, True)).flatten()
     assert float(torch.linalg.vector_norm(private)) <= len(sampled) * CLIP / 4 + 1e-5
     head_change = torch.cat([(after.head[k] - before.head[k]).reshape(-1) for k in before.head])
     assert float(torch.linalg.vector_norm(head_change)) <= len(sampled) * CLIP / 4 + 1e-5
