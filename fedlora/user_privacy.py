@@ -177,8 +177,15 @@ class UserLevelSettings:
         """q N: the fixed denominator of the estimator."""
         return self.sample_rate * self.population
 
-    def check_delta(self) -> None:
-        """Refuse a delta that is no privacy for a federation of N users (delta well below 1 / N)."""
+    def check_population(self) -> None:
+        """Refuse a federation too small for the plan: more clients a round than can be sampled (q > 1),
+        or a delta that is no privacy for N users (delta well below 1 / N)."""
+        if self.clients_per_round > self.population:
+            raise PrivacyBudgetError(
+                f"federation.clients_per_round: {self.clients_per_round} clients a round but only {self.population} can be "
+                f"sampled (those that passed the handshake), a sampling rate above 1; lower clients_per_round to at most "
+                f"{self.population} or bring more clients"
+            )
         if self.delta >= 1.0 / self.population:
             raise PrivacyBudgetError(
                 f"privacy.delta: {self.delta:g} is at least 1/N = 1/{self.population} for {self.population} users, which lets "
@@ -187,7 +194,7 @@ class UserLevelSettings:
 
     def calibrate(self) -> float:
         """sigma that spends just under epsilon over every round at q (PrivacyBudgetError, one line, if none can)."""
-        self.check_delta()
+        self.check_population()
         return calibrate_noise(self.accountant, self.epsilon, self.delta, self.sample_rate, self.rounds, USER_LEVEL_REMEDY)
 
 

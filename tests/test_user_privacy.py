@@ -148,6 +148,13 @@ def test_what_user_level_dp_cannot_give_is_refused_before_anything_starts(overri
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_more_clients_a_round_than_passed_the_handshake_is_one_line() -> None:
+    settings = UserLevelSettings(3.0, 1e-5, CLIP, "central", "prv", 10, clients_per_round=5, population=3)
+    with pytest.raises(PrivacyBudgetError, match="federation.clients_per_round: 5 clients a round but only 3") as caught:
+        settings.calibrate()  # was: ValueError("math domain error") from the accountant, at q = 5/3
+    assert "\n" not in str(caught.value)
+
+
 def test_an_impossible_user_level_budget_is_one_line_and_exit_2(tmp_path) -> None:
     settings = ("privacy.enabled=true", "privacy.unit='user'", "privacy.epsilon=1e-6")
     line = one_line_refusal(
