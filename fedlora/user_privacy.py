@@ -29,10 +29,13 @@ DP-SGD; the server's aggregation is the private mechanism. Each round:
        dishonest one, but only to that bound, not to S;
      * so in distributed mode a client's own clipping is what makes its sensitivity S. A client
        that skips clipping weakens only its own guarantee (and can bias the model, up to the
-       bound); one that withholds its noise share weakens everyone's: with h of the m shares
-       present the sum's noise variance is (h / m) sigma^2 S^2, which the ledger, accounting
-       for sigma, does not cover. Likewise the sum the server itself sees before its top-up
-       carries only the arrived shares' variance. The history records the shares that arrived.
+       bound); one that withholds its noise share would weaken everyone's: with h of the m
+       shares present the sum's noise variance is (h / m) sigma^2 S^2. So a reply whose norm is
+       below `honest_share_floor` (what an honest noised reply stays above except with
+       probability < HONEST_TAIL) counts as a missing share: the server tops it up, and the
+       round's figures name it (`noise_withheld`). A client that adds only part of its share
+       can still slip under that test; the sum the server itself sees before its top-up carries
+       only the arrived shares' variance. The history records the shares that arrived.
 4. Estimator. The noised sum is divided by the expected round size q N (= clients_per_round):
    the fixed-denominator estimator, unbiased for the mean update and with sensitivity S / (q N)
    whatever m turns out to be (dividing by the realized m would make the denominator, and so
@@ -73,8 +76,11 @@ from fedlora.privacy import BUDGET_SLACK, PrivacyBudgetError, calibrate_noise, e
 # A distributed-noise client's instruction (train config entries).
 CLIP_KEY = "udp-clip"
 SHARE_STD_KEY = "udp-noise-std"
-# The probability that an honest client's noised reply exceeds the server's clipping bound.
+# The probability that an honest client's noised reply exceeds the server's clipping bound
+# (or falls below its floor), and the deviations of the noise's norm, in share std, that it allows:
+# P(| ||z|| - E||z|| | >= std t) <= exp(-t^2 / 2) (Gaussian concentration of a 1-Lipschitz function).
 HONEST_TAIL = 1e-12
+HONEST_DEVIATIONS = math.sqrt(2.0 * math.log(1.0 / HONEST_TAIL))  # t ~ 7.43
 USER_LEVEL_REMEDY = "run fewer rounds, sample fewer clients a round, or federate more clients"
 
 
@@ -109,8 +115,15 @@ def gaussian(size: int, std: float, seed: int) -> torch.Tensor:
 def honest_share_bound(clip: float, share_std: float, size: int) -> float:
     """A norm an honest distributed-noise reply (clipped to `clip`, plus N(0, share_std^2) on `size`
     coordinates) exceeds with probability below HONEST_TAIL: clip + share_std (sqrt(size) + t),
-    by Gaussian concentration P(||z|| >= E||z|| + share_std t) <= exp(-t^2 / 2)."""
-    return clip + share_std * (math.sqrt(size) + math.sqrt(2.0 * math.log(1.0 / HONEST_TAIL)))
+    since E||z|| <= share_std sqrt(size)."""
+    return clip + share_std * (math.sqrt(size) + HONEST_DEVIATIONS)
+
+
+def honest_share_floor(clip: float, share_std: float, size: int) -> float:
+    """A norm an honest distributed-noise reply stays above except with probability below HONEST_TAIL:
+    share_std (size / sqrt(size + 1) - t) - clip, since E||z|| >= share_std size / sqrt(size + 1) and
+    the clipped change moves the noise by at most `clip` (0 or less: no reply can be told apart)."""
+    return share_std * (size / math.sqrt(size + 1) - HONEST_DEVIATIONS) - clip
 
 
 def delta_vector(state: LoraState, reference: LoraState) -> torch.Tensor:
@@ -226,28 +239,43 @@ class UserLevelPrivacy:
         """Train config entries for the round's clients: their clip and noise share (distributed), else none."""
         if self.settings.noise != "distributed" or sampled == 0:
             return {}
-        return {CLIP_KEY: self.settings.clip, SHARE_STD_KEY: self.noise_std / math.sqrt(sampled)}
+        return {CLIP_KEY: self.settings.clip, SHARE_STD_KEY: self.share_std(sampled)}
+
+    def share_std(self, sampled: int) -> float:
+        """Each of the round's m clients' noise share's std under distributed noise: sigma S / sqrt(m)."""
+        return self.noise_std / math.sqrt(sampled)
 
     def server_clip(self, sampled: int, size: int) -> float:
         """The norm the server clips every reply to: S, or under distributed noise the bound an honest noised reply keeps."""
         if self.settings.noise == "central":
             return self.settings.clip
-        return honest_share_bound(self.settings.clip, self.noise_std / math.sqrt(sampled), size)
+        return honest_share_bound(self.settings.clip, self.share_std(sampled), size)
+
+    def share_floor(self, sampled: int, size: int) -> float:
+        """The norm below which a reply has withheld its noise share (distributed noise; else none)."""
+        if self.settings.noise == "central" or sampled == 0:
+            return -math.inf
+        return honest_share_floor(self.settings.clip, self.share_std(sampled), size)
 
     def privatize(self, changes: list[torch.Tensor], sampled: int, size: int, seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """The private mean change: (sum of the clipped changes + the server's noise) / (q N), and the round's figures.
 
         `changes` are the accepted replies' changes (each a vector of `size` values), `sampled` the
         round's m; the server's noise is all of sigma^2 S^2 (central) or the shares that did not
-        arrive (distributed).
+        arrive or were withheld (distributed: `noise_withheld`, the positions in `changes` of replies
+        too short to carry theirs).
         """
         bound = self.server_clip(sampled, size) if changes else self.settings.clip
+        floor = self.share_floor(sampled, size)
         total = torch.zeros(size, dtype=torch.float64)
-        clipped = 0
-        for change in changes:
-            clipped += float(torch.linalg.vector_norm(change)) > bound
+        clipped, withheld = 0, []
+        for position, change in enumerate(changes):
+            norm = float(torch.linalg.vector_norm(change))
+            clipped += norm > bound
+            if norm < floor:
+                withheld.append(position)
             total += clip_to_norm(change, bound)
-        shares = len(changes) if self.settings.noise == "distributed" else 0
+        shares = len(changes) - len(withheld) if self.settings.noise == "distributed" else 0
         missing = 1.0 if sampled == 0 else 1.0 - shares / sampled
         server_std = self.noise_std * math.sqrt(missing)
         if server_std > 0:
@@ -263,6 +291,7 @@ class UserLevelPrivacy:
         }
         if self.settings.noise == "distributed":
             figures["noise_shares"] = shares
+            figures["noise_withheld"] = withheld
         return total / self.settings.expected_clients, figures
 
     def charge(self) -> None:

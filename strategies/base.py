@@ -381,6 +381,8 @@ class LoraStrategy(Strategy):
         size = trained.flatten().numel()
         seed = derive_seed(self.seed, "user-dp-noise", server_round)
         mean, figures = self.user_privacy.privatize(changes, len(self.last_round.sampled), size, seed)
+        if "noise_withheld" in figures:  # positions -> the clients whose share the server topped up
+            figures["noise_withheld"] = [updates[i].client_id for i in figures["noise_withheld"]]
         self.last_round.extra["user_dp"] = figures
         return ClientUpdate(-1, self.global_state.plus(trained.unflatten(mean)), 1.0, {}, {})
 

@@ -270,6 +270,27 @@ def test_distributed_shares_sum_to_the_central_noise(sampled: int, arrived: int)
     assert_gaussian(mean * privacy.settings.expected_clients, 1.3 * CLIP)
 
 
+def test_a_distributed_reply_without_its_noise_share_is_topped_up_and_named() -> None:
+    privacy = mechanism(noise_multiplier=1.3, noise="distributed")
+    strategy = FedIT(ROSTER, clients_per_round=4, seed=3, weighting="uniform", train_head=False)
+    strategy.user_privacy = privacy
+    g = torch.Generator().manual_seed(0)
+    before = LoraState(factors={"l": {"A": torch.randn(2, 5000, generator=g), "B": torch.randn(6, 2, generator=g)}})
+    messages = list(strategy.configure_train(1, before.to_array_record(), ConfigRecord(), grid=None))
+    nodes = [m.metadata.dst_node_id for m in messages]
+    share = ShareInstruction.from_config(messages[0].content["config"])
+    cheat = nodes[0]  # adds no noise share: its reply is its bare change (norm about 1)
+    replies = [
+        reply(node, moved(before, 0.01, node) if node == cheat else share.apply(moved(before, 0.01, node), before, node), "")
+        for node in nodes
+    ]
+    strategy.aggregate_train(1, replies)
+    figures = strategy.last_round.extra["user_dp"]
+    assert len(nodes) >= 2 and strategy.last_round.accepted == sorted(NODES[n] for n in nodes)
+    assert figures["noise_withheld"] == [NODES[cheat]] and figures["noise_shares"] == len(nodes) - 1
+    assert figures["server_noise_std"] == pytest.approx(privacy.noise_std / math.sqrt(len(nodes)))
+
+
 def test_the_central_mechanism_sends_clients_no_noise_instruction() -> None:
     assert mechanism(1.0).client_instruction(4) == {}
     assert set(mechanism(1.0, "distributed").client_instruction(4)) == {CLIP_KEY, SHARE_STD_KEY}
