@@ -478,6 +478,13 @@ class PrivacyConfig(_Section):
         "round's m clients adds its 1/m share of the variance, as under secure aggregation: the server sees only noised "
         "updates)",
     )
+    secret_noise: bool = Field(
+        False,
+        description="user: draw the noise, the Poisson sampling and the clients' noise shares from the OS's entropy, not "
+        "from the run's seed (which config.json, the model card and every SuperNode show: seeded noise can be "
+        "regenerated and subtracted by anyone holding it); not reproducible. `flwr run` deployments turn it on unless "
+        "their experiment sets it",
+    )
     user_clip: float = Field(
         1.0, gt=0, description="user: the norm S every client's update (trained factors and head) is clipped to"
     )

@@ -55,14 +55,23 @@ Opacus' for ((sigma, q, rounds so far)); a resumed run goes on from the checkpoi
 What the guarantee covers: the global adapter the server releases each round, and everything
 computed from it. The run directory's history is the trusted server's log: it names who was
 sampled, their training losses and how many updates were clipped, which the guarantee does not
-cover. In simulation the noise is drawn from seeds derived from the run's seed, so that a run
-reproduces; a deployment must draw it from a secret source.
+cover.
+
+Where the randomness comes from (`privacy.secret_noise`). Seeded (the simulation's default): the
+server's noise, its Poisson sampling and the clients' noise shares are drawn from seeds derived
+from the run's seed, so that a run reproduces; but the seed is public (config.json, the model
+card, every SuperNode's run config), and anyone holding it can regenerate the noise and subtract
+it: no privacy against them, which summary.json and the model card say. Secret: all of it comes
+from the operating system's entropy (`secrets`), never reproduced; the server tells the clients
+to draw their shares so (`SECRET_KEY`). A `flwr run` deployment turns it on unless its experiment
+sets it (fedlora/server_app.py).
 """
 
 from __future__ import annotations
 
 import math
 import random
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +85,9 @@ from fedlora.privacy import BUDGET_SLACK, PrivacyBudgetError, calibrate_noise, e
 # A distributed-noise client's instruction (train config entries).
 CLIP_KEY = "udp-clip"
 SHARE_STD_KEY = "udp-noise-std"
+SECRET_KEY = "udp-secret"  # draw the share from the OS's entropy, not from the run's seed
+SEEDED_NOISE = "noise reproducible from the run seed: not private against anyone holding the seed"
+SECRET_NOISE = "noise, sampling and shares from the operating system's entropy: not reproducible"
 # The probability that an honest client's noised reply exceeds the server's clipping bound
 # (or falls below its floor), and the deviations of the noise's norm, in share std, that it allows:
 # P(| ||z|| - E||z|| | >= std t) <= exp(-t^2 / 2) (Gaussian concentration of a 1-Lipschitz function).
@@ -93,9 +105,15 @@ def group_privacy(epsilon: float, delta: float, group: int) -> tuple[float, floa
     return group * epsilon, group * math.exp((group - 1) * epsilon) * delta
 
 
-def poisson_sample(clients: list[int], rate: float, seed: int, server_round: int) -> list[int]:
-    """Each client independently with probability `rate`, drawn from (seed, round): a round of any size, 0 included."""
-    rng = random.Random(f"{seed}:user-dp-sampling:{server_round}")
+def noise_source(secret: bool) -> str:
+    """Where user-level DP's randomness comes from, in words (summary.json, the model card)."""
+    return SECRET_NOISE if secret else SEEDED_NOISE
+
+
+def poisson_sample(clients: list[int], rate: float, seed: int, server_round: int, secret: bool = False) -> list[int]:
+    """Each client independently with probability `rate`, drawn from (seed, round), or from the OS's
+    entropy when `secret`: a round of any size, 0 included."""
+    rng = random.SystemRandom() if secret else random.Random(f"{seed}:user-dp-sampling:{server_round}")
     return [client for client in clients if rng.random() < rate]
 
 
@@ -106,9 +124,9 @@ def clip_to_norm(vector: torch.Tensor, bound: float) -> torch.Tensor:
     return vector * (bound / norm) if norm > bound else vector
 
 
-def gaussian(size: int, std: float, seed: int) -> torch.Tensor:
-    """`size` independent N(0, std^2) draws in float64, from `seed`."""
-    generator = torch.Generator().manual_seed(seed)
+def gaussian(size: int, std: float, seed: int | None) -> torch.Tensor:
+    """`size` independent N(0, std^2) draws in float64, from `seed` (None: a secret seed from the OS's entropy)."""
+    generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
     return torch.randn(size, dtype=torch.float64, generator=generator) * std
 
 
@@ -133,22 +151,24 @@ def delta_vector(state: LoraState, reference: LoraState) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ShareInstruction:
-    """What a distributed-noise client does to its update before replying: clip to `clip`, add N(0, std^2)."""
+    """What a distributed-noise client does to its update before replying: clip to `clip`, add N(0, std^2)
+    (drawn from the OS's entropy when `secret`, else from the seed it is given)."""
 
     clip: float
     std: float
+    secret: bool = False
 
     @classmethod
     def from_config(cls, config: ConfigRecord | dict) -> ShareInstruction | None:
         """Read from a train config; None when the round asks for no client-side noise."""
         if CLIP_KEY not in config:
             return None
-        return cls(float(config[CLIP_KEY]), float(config[SHARE_STD_KEY]))
+        return cls(float(config[CLIP_KEY]), float(config[SHARE_STD_KEY]), bool(config.get(SECRET_KEY, False)))
 
     def apply(self, trained: LoraState, broadcast: LoraState, seed: int) -> LoraState:
         """The reply's state: broadcast + clip(trained - broadcast) + noise, over the trained tensors."""
         change = clip_to_norm(delta_vector(trained, broadcast), self.clip)
-        noised = change + gaussian(change.numel(), self.std, seed)
+        noised = change + gaussian(change.numel(), self.std, None if self.secret else seed)
         return broadcast.plus(trained.unflatten(noised))
 
 
@@ -164,6 +184,7 @@ class UserLevelSettings:
     rounds: int  # the rounds sigma is calibrated for
     clients_per_round: int
     population: int  # N: the clients that can be sampled
+    secret: bool = False  # privacy.secret_noise: randomness from the OS's entropy, not the run's seed
 
     @classmethod
     def from_config(cls, config: ExperimentConfig, population: int) -> UserLevelSettings:
@@ -178,6 +199,7 @@ class UserLevelSettings:
             federation.rounds,
             federation.clients_per_round,
             population,
+            privacy.secret_noise,
         )
 
     @property
@@ -233,13 +255,13 @@ class UserLevelPrivacy:
     # --- each round ---------------------------------------------------------------------
     def sample(self, clients: list[int], seed: int, server_round: int) -> list[int]:
         """This round's clients, by Poisson sampling at q."""
-        return poisson_sample(clients, self.settings.sample_rate, seed, server_round)
+        return poisson_sample(clients, self.settings.sample_rate, seed, server_round, self.settings.secret)
 
     def client_instruction(self, sampled: int) -> dict[str, float]:
         """Train config entries for the round's clients: their clip and noise share (distributed), else none."""
         if self.settings.noise != "distributed" or sampled == 0:
             return {}
-        return {CLIP_KEY: self.settings.clip, SHARE_STD_KEY: self.share_std(sampled)}
+        return {CLIP_KEY: self.settings.clip, SHARE_STD_KEY: self.share_std(sampled), SECRET_KEY: self.settings.secret}
 
     def share_std(self, sampled: int) -> float:
         """Each of the round's m clients' noise share's std under distributed noise: sigma S / sqrt(m)."""
@@ -261,7 +283,7 @@ class UserLevelPrivacy:
         """The private mean change: (sum of the clipped changes + the server's noise) / (q N), and the round's figures.
 
         `changes` are the accepted replies' changes (each a vector of `size` values), `sampled` the
-        round's m; the server's noise is all of sigma^2 S^2 (central) or the shares that did not
+        round's m, `seed` the noise's (unused under secret noise); the server's noise is all of sigma^2 S^2 (central) or the shares that did not
         arrive or were withheld (distributed: `noise_withheld`, the positions in `changes` of replies
         too short to carry theirs).
         """
@@ -279,7 +301,7 @@ class UserLevelPrivacy:
         missing = 1.0 if sampled == 0 else 1.0 - shares / sampled
         server_std = self.noise_std * math.sqrt(missing)
         if server_std > 0:
-            total += gaussian(size, server_std, seed)
+            total += gaussian(size, server_std, None if self.settings.secret else seed)
         figures = {
             "sampled": sampled,
             "summed": len(changes),
@@ -327,6 +349,7 @@ class UserLevelPrivacy:
             "unit": "user",
             "noise": settings.noise,
             "trust": self.trust(),
+            "noise_source": noise_source(settings.secret),
             "estimator": f"fixed denominator: the noised sum / q N = {settings.expected_clients:g}",
             "weights": "equal: every clipped update counts once",
             "accountant": settings.accountant,

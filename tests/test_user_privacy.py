@@ -16,12 +16,15 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from scipy import stats
 
 from fedlora.config import ConfigError
+from fedlora.export_card import RunFigures, model_card
 from fedlora.lora import LoraState
 from fedlora.privacy import PrivacyBudgetError
 from fedlora.roster import Roster
+from fedlora.server_app import with_secret_noise
 from fedlora.simulation import check_runnable
 from fedlora.user_privacy import (
     CLIP_KEY,
+    SEEDED_NOISE,
     SHARE_STD_KEY,
     ShareInstruction,
     UserLevelPrivacy,
@@ -52,8 +55,10 @@ def user_config(*overrides: str):
     return tiny_config("privacy.enabled=true", "privacy.unit='user'", "privacy.epsilon=3.0", *overrides)
 
 
-def mechanism(noise_multiplier: float, noise: str = "central", clients_per_round: int = 4) -> UserLevelPrivacy:
-    settings = UserLevelSettings(3.0, 1e-5, CLIP, noise, "prv", 10, clients_per_round, N)
+def mechanism(
+    noise_multiplier: float, noise: str = "central", clients_per_round: int = 4, secret: bool = False
+) -> UserLevelPrivacy:
+    settings = UserLevelSettings(3.0, 1e-5, CLIP, noise, "prv", 10, clients_per_round, N, secret)
     return UserLevelPrivacy(settings, noise_multiplier)
 
 
@@ -357,6 +362,38 @@ def test_a_round_with_nobody_sampled_still_releases_its_noise() -> None:
     assert sampled == [] and not strategy.last_round.skipped
     assert not torch.equal(before.flatten(), after.flatten())
     assert strategy.last_round.extra["user_dp"]["server_noise_std"] == pytest.approx(CLIP)
+
+
+# --- where the randomness comes from ------------------------------------------------------
+@pytest.mark.parametrize("secret", [False, True])
+def test_seeded_randomness_reproduces_and_secret_randomness_never_does(secret: bool) -> None:
+    rounds = [run_round(private_strategy(FedIT, mechanism(1.0, secret=secret)), scale=0.1) for _ in range(2)]
+    released = [after.flatten() for _, after, _ in rounds]
+    assert torch.equal(*released) != secret  # the server's noise
+    population = list(range(64))  # sampling at q = 1/2: two secret draws agree with probability 2^-64
+    draws = [mechanism(1.0, clients_per_round=N // 2, secret=secret).sample(population, seed=3, server_round=1) for _ in range(2)]
+    assert (draws[0] == draws[1]) != secret
+    share = ShareInstruction.from_config(mechanism(1.0, "distributed", secret=secret).client_instruction(2))
+    state = global_state()
+    shares = [share.apply(state, state, seed=5).flatten() for _ in range(2)]  # a client's share
+    assert torch.equal(*shares) != secret
+
+
+def test_the_summary_and_the_model_card_say_when_the_noise_is_seeded() -> None:
+    assert mechanism(1.0).summary()["noise_source"] == SEEDED_NOISE
+    assert "not private against anyone holding the seed" in SEEDED_NOISE
+    assert mechanism(1.0, secret=True).summary()["noise_source"] != SEEDED_NOISE
+    card = model_card(user_config(), ["a", "b"], RunFigures("run", 2, 3, 0.5, 10, 1.0))
+    assert SEEDED_NOISE in card
+    assert SEEDED_NOISE not in model_card(
+        user_config("privacy.secret_noise=true"), ["a", "b"], RunFigures("run", 2, 3, 0.5, 10, 1.0)
+    )
+
+
+def test_a_flwr_run_deployment_draws_secret_noise_unless_its_experiment_says_otherwise() -> None:
+    assert with_secret_noise(user_config()).privacy.secret_noise
+    assert not with_secret_noise(user_config("privacy.secret_noise=false")).privacy.secret_noise
+    assert UserLevelSettings.from_config(with_secret_noise(user_config()), population=N).secret
 
 
 # --- comparisons --------------------------------------------------------------------------
