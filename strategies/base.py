@@ -102,7 +102,7 @@ class RoundLog:
     bytes_up_factors: int = 0
     bytes_down: int = 0
     client_seconds: float = 0.0
-    train_seconds: float = 0.0  # the replies' own "train-seconds", summed: said by clients, for diagnostics only
+    train_seconds: float = 0.0  # the valid replies' own "train-seconds", each capped at client_seconds, summed: said by clients, for diagnostics only
     aggregate_seconds: float = 0.0
     skipped: bool = False
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -432,6 +432,9 @@ class LoraStrategy(Strategy):
                     updates.append(parsed)
         for client in sorted(sampled - answered):  # crashed, disconnected or too slow
             round_log.rejected.append({"client": client, "reason": "no reply before the round timeout"})
+        # Said by the clients: only valid replies', each at most the round's own wall time.
+        claimed = (max(0.0, update.metrics.get("train-seconds", 0.0)) for update in updates)
+        round_log.train_seconds = sum(min(seconds, round_log.client_seconds) for seconds in claimed)
         # Replies arrive in whatever order Ray finishes them; aggregating in client order makes
         # the floating-point sums (and so a resumed run's history) independent of that order.
         return sorted(updates, key=lambda update: update.client_id)
@@ -493,7 +496,6 @@ class LoraStrategy(Strategy):
         if isinstance(metrics, str):
             return metrics
         self.last_round.client_metrics[client_id] = metrics
-        self.last_round.train_seconds += max(0.0, metrics.get("train-seconds", 0.0))
         if metrics.get(REFUSED, 0.0):
             self.last_round.refused.append(
                 {"client": client_id, "reason": str(content.config_records.get(INFO_KEY, {}).get("refused-reason", ""))}
