@@ -227,6 +227,26 @@ def test_upload_rank_above_the_adapters_rank_is_refused_in_one_line_and_the_stra
     assert make().options(config.strategy) == {"upload_rank": 2}
 
 
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"strategy": {"name": "fedit", "upload_rank": 1}}, "strategy.upload_rank: only lora_a2 sends a budget"),
+        (
+            {
+                "model": {"client_ranks": [2, 2, 2]},
+                "federation": {"num_clients": 3, "clients_per_round": 3},
+                "strategy": {"name": "lora_a2", "upload_rank": 3},
+            },
+            "strategy.upload_rank: 3 components a layer, more than the smallest of model.client_ranks = 2",
+        ),
+    ],
+    ids=["other-strategy", "client-ranks"],
+)
+def test_an_upload_rank_that_means_nothing_or_exceeds_a_clients_rank_is_refused(section: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ExperimentConfig.model_validate(section)
+
+
 def test_the_simulated_adversary_sends_its_rewritten_update_as_selected_components_which_a_defence_screens() -> None:
     from fedlora.attacks import Adversary
     from fedlora.server import poison_replies

@@ -24,6 +24,7 @@ from fedlora.server_app import with_secret_noise
 from fedlora.simulation import check_runnable
 from fedlora.user_privacy import (
     CLIP_KEY,
+    SECRET_KEY,
     SEEDED_NOISE,
     SHARE_STD_KEY,
     ShareInstruction,
@@ -182,6 +183,22 @@ def test_settings_that_break_the_mechanism_are_refused_by_the_config(overrides: 
         user_config(*overrides)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (("privacy.unit='user'",), "privacy.unit"),
+        (("privacy.user_clip=0.5",), "privacy.user_clip"),
+        (("privacy.noise='distributed'",), "privacy.noise"),
+        (("privacy.secret_noise=true",), "privacy.secret_noise"),
+        (("privacy.enabled=true", "privacy.user_clip=0.5"), "privacy.user_clip"),  # example level
+    ],
+    ids=["unit", "user-clip", "noise", "secret-noise", "example-level-user-clip"],
+)
+def test_user_level_settings_that_would_do_nothing_are_refused(overrides: tuple[str, ...], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"{key}: a user-level setting, which does nothing unless"):
+        tiny_config(*overrides)
+
+
 def test_every_strategy_either_says_what_it_clips_or_is_refused() -> None:
     config = user_config()
     for name, cls in STRATEGIES.items():
@@ -298,7 +315,7 @@ def test_a_distributed_reply_without_its_noise_share_is_topped_up_and_named() ->
 
 def test_the_central_mechanism_sends_clients_no_noise_instruction() -> None:
     assert mechanism(1.0).client_instruction(4) == {}
-    assert set(mechanism(1.0, "distributed").client_instruction(4)) == {CLIP_KEY, SHARE_STD_KEY}
+    assert set(mechanism(1.0, "distributed").client_instruction(4)) == {CLIP_KEY, SHARE_STD_KEY, SECRET_KEY}
 
 
 def test_the_server_clips_a_distributed_reply_that_skipped_its_clipping() -> None:
