@@ -190,6 +190,16 @@ def hostile(sent: LoraState, how: str) -> LoraState:
         first["B"] = first["B"][:, :1]
     elif how == "NaN value":
         first["B"][0, 0] = float("nan")
+    elif how == "negative index":
+        first[COMPONENT_INDEX] = torch.tensor([-1, 0])
+    elif how == "decreasing index":  # unique, in range, but not in the order the client must send
+        first[COMPONENT_INDEX] = first[COMPONENT_INDEX].flip(0)
+    elif how == "int32 index":
+        first[COMPONENT_INDEX] = first[COMPONENT_INDEX].to(torch.int32)
+    elif how == "2-D index":
+        first[COMPONENT_INDEX] = first[COMPONENT_INDEX].reshape(1, -1)
+    elif how == "tampered head":  # a head from a client whose head is frozen (train_head = False)
+        state.head = {"classifier.weight": torch.full((3, 6), 1e3)}
     return state
 
 
@@ -202,6 +212,11 @@ REASONS = {
     "full factor": "expected B components and their index",
     "too few values": "layer l0.B: shape (12, 1), expected (12,",
     "NaN value": "NaN",
+    "negative index": "not increasing within 0..5",
+    "decreasing index": "not increasing within 0..5",
+    "int32 index": "component index of dtype torch.int32 and 1 dimensions, expected int64 and 1",
+    "2-D index": "component index of dtype torch.int64 and 2 dimensions, expected int64 and 1",
+    "tampered head": "head parameters ['classifier.weight'], expected []",
 }
 
 
