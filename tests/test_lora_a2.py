@@ -190,6 +190,16 @@ def hostile(sent: LoraState, how: str) -> LoraState:
         first["B"] = first["B"][:, :1]
     elif how == "NaN value":
         first["B"][0, 0] = float("nan")
+    elif how == "negative index":
+        first[COMPONENT_INDEX] = torch.tensor([-1, 0])
+    elif how == "decreasing index":  # unique, in range, but not in the order the client must send
+        first[COMPONENT_INDEX] = first[COMPONENT_INDEX].flip(0)
+    elif how == "int32 index":
+        first[COMPONENT_INDEX] = first[COMPONENT_INDEX].to(torch.int32)
+    elif how == "2-D index":
+        first[COMPONENT_INDEX] = first[COMPONENT_INDEX].reshape(1, -1)
+    elif how == "tampered head":  # a head from a client whose head is frozen (train_head = False)
+        state.head = {"classifier.weight": torch.full((3, 6), 1e3)}
     return state
 
 
@@ -202,6 +212,11 @@ REASONS = {
     "full factor": "expected B components and their index",
     "too few values": "layer l0.B: shape (12, 1), expected (12,",
     "NaN value": "NaN",
+    "negative index": "not increasing within 0..5",
+    "decreasing index": "not increasing within 0..5",
+    "int32 index": "component index of dtype torch.int32 and 1 dimensions, expected int64 and 1",
+    "2-D index": "component index of dtype torch.int64 and 2 dimensions, expected int64 and 1",
+    "tampered head": "head parameters ['classifier.weight'], expected []",
 }
 
 
@@ -225,6 +240,26 @@ def test_upload_rank_above_the_adapters_rank_is_refused_in_one_line_and_the_stra
     assert STRATEGIES["lora_a2"] is LoraA2 and LoraA2.description
     config = tiny_config("strategy.name='lora_a2'", "strategy.upload_rank=2")
     assert make().options(config.strategy) == {"upload_rank": 2}
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"strategy": {"name": "fedit", "upload_rank": 1}}, "strategy.upload_rank: only lora_a2 sends a budget"),
+        (
+            {
+                "model": {"client_ranks": [2, 2, 2]},
+                "federation": {"num_clients": 3, "clients_per_round": 3},
+                "strategy": {"name": "lora_a2", "upload_rank": 3},
+            },
+            "strategy.upload_rank: 3 components a layer, more than the smallest of model.client_ranks = 2",
+        ),
+    ],
+    ids=["other-strategy", "client-ranks"],
+)
+def test_an_upload_rank_that_means_nothing_or_exceeds_a_clients_rank_is_refused(section: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ExperimentConfig.model_validate(section)
 
 
 def test_the_simulated_adversary_sends_its_rewritten_update_as_selected_components_which_a_defence_screens() -> None:

@@ -29,14 +29,20 @@ def global_state() -> LoraState:
     )
 
 
-def client_reply(node: int, state: LoraState, num_examples: float | None = None, train_loss: float = 1.0) -> Message:
+def client_reply(
+    node: int, state: LoraState, num_examples: float | None = None, train_loss: float = 1.0, train_seconds: float = 0.0
+) -> Message:
     """A well-formed reply; num_examples defaults to what the node's client declared."""
     declared = DECLARED.get(NODES.get(node, -1), 10)
     content = RecordDict(
         {
             ARRAYS_KEY: state.to_array_record(),
             METRICS_KEY: MetricRecord(
-                {"num-examples": declared if num_examples is None else num_examples, "train-loss": train_loss}
+                {
+                    "num-examples": declared if num_examples is None else num_examples,
+                    "train-loss": train_loss,
+                    "train-seconds": train_seconds,
+                }
             ),
             INFO_KEY: ConfigRecord({"a-digest": "x"}),
         }
@@ -138,6 +144,21 @@ def test_bytes_are_counted_up_and_down() -> None:
     assert strategy.last_round.bytes_up_factors == 2 * state.factor_bytes()
     assert strategy.last_round.bytes_up == 2 * state.num_bytes()
     assert strategy.last_round.bytes_down == 2 * global_state().num_bytes()
+
+
+def test_train_seconds_count_valid_replies_only_each_within_the_rounds_wall_time() -> None:
+    strategy = FedIT(ROSTER, clients_per_round=3, seed=0)
+    first, second, third = start_round(strategy)
+    strategy._sent_at -= 10.0  # the round has been out for 10 s
+    replies = [
+        client_reply(first, perturbed(0), train_seconds=0.5),
+        client_reply(second, perturbed(1), train_seconds=1e30),  # a lie: longer than the round itself
+        client_reply(third, perturbed(2), num_examples=7, train_seconds=100.0),  # refused: its seconds do not count
+    ]
+    strategy.aggregate_train(1, replies)
+    round_log = strategy.last_round
+    assert round_log.accepted == sorted([NODES[first], NODES[second]]) and 10.0 <= round_log.client_seconds < 60.0
+    assert round_log.train_seconds == pytest.approx(0.5 + round_log.client_seconds)
 
 
 def test_duplicate_unknown_and_unsampled_replies_are_refused_and_the_valid_ones_aggregated() -> None:

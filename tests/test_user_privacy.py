@@ -16,12 +16,16 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from scipy import stats
 
 from fedlora.config import ConfigError
+from fedlora.export_card import RunFigures, model_card
 from fedlora.lora import LoraState
 from fedlora.privacy import PrivacyBudgetError
 from fedlora.roster import Roster
+from fedlora.server_app import with_secret_noise
 from fedlora.simulation import check_runnable
 from fedlora.user_privacy import (
     CLIP_KEY,
+    SECRET_KEY,
+    SEEDED_NOISE,
     SHARE_STD_KEY,
     ShareInstruction,
     UserLevelPrivacy,
@@ -52,8 +56,10 @@ def user_config(*overrides: str):
     return tiny_config("privacy.enabled=true", "privacy.unit='user'", "privacy.epsilon=3.0", *overrides)
 
 
-def mechanism(noise_multiplier: float, noise: str = "central", clients_per_round: int = 4) -> UserLevelPrivacy:
-    settings = UserLevelSettings(3.0, 1e-5, CLIP, noise, "prv", 10, clients_per_round, N)
+def mechanism(
+    noise_multiplier: float, noise: str = "central", clients_per_round: int = 4, secret: bool = False
+) -> UserLevelPrivacy:
+    settings = UserLevelSettings(3.0, 1e-5, CLIP, noise, "prv", 10, clients_per_round, N, secret)
     return UserLevelPrivacy(settings, noise_multiplier)
 
 
@@ -81,8 +87,13 @@ def reply(node: int, state: LoraState, a_digest: str) -> Message:
     return reply_from(node, content)
 
 
+# What each strategy accepted at user level is built with here (LoRA-A2: 1 component of 2 a layer).
+OPTIONS: dict[str, dict[str, object]] = {"lora_a2": {"upload_rank": 1}}
+USER_LEVEL = sorted(name for name, cls in STRATEGIES.items() if cls.__dict__.get("user_level_dp"))
+
+
 def private_strategy(cls: type[LoraStrategy], privacy: UserLevelPrivacy) -> LoraStrategy:
-    strategy = cls(ROSTER, clients_per_round=4, seed=3, weighting="uniform")
+    strategy = cls(ROSTER, clients_per_round=4, seed=3, weighting="uniform", **OPTIONS.get(cls.name, {}))
     strategy.user_privacy = privacy
     return strategy
 
@@ -91,8 +102,11 @@ def run_round(strategy: LoraStrategy, scale: float, server_round: int = 1) -> tu
     """One round from `strategy.initial_state(global_state())`: (before, after, sampled clients); replies moved by `scale`."""
     before = strategy.initial_state(global_state())
     messages = list(strategy.configure_train(server_round, before.to_array_record(), ConfigRecord(), grid=None))
-    trained = before.select(strategy.trains, strategy.train_head)
-    replies = [reply(m.metadata.dst_node_id, moved(trained, scale, m.metadata.dst_node_id), before.digest("A")) for m in messages]
+    trained = before.select(strategy.uploads, strategy.train_head)
+    replies = [
+        reply(node, strategy.pack_reply(moved(trained, scale, node)), before.digest("A"))
+        for node in (m.metadata.dst_node_id for m in messages)
+    ]
     arrays, _ = strategy.aggregate_train(server_round, replies)
     return before, LoraState.from_array_record(arrays), strategy.last_round.sampled
 
@@ -130,13 +144,21 @@ def test_the_ledger_survives_a_checkpoint() -> None:
             "privacy.unit: strategy flora cannot run under user-level DP",
         ),
         (("strategy.name='lora_fair'",), "privacy.unit: strategy lora_fair cannot run under user-level DP"),
+        (("strategy.name='lora_a2'", "privacy.noise='distributed'"), "privacy.noise: lora_a2 clients send only their top"),
     ],
-    ids=["delta", "epsilon-huge", "epsilon-tiny", "flora", "lora-fair"],
+    ids=["delta", "epsilon-huge", "epsilon-tiny", "flora", "lora-fair", "lora-a2-distributed"],
 )
 def test_what_user_level_dp_cannot_give_is_refused_before_anything_starts(overrides: tuple[str, ...], message: str) -> None:
     with pytest.raises((PrivacyBudgetError, ConfigError)) as caught:
         check_runnable(user_config(*overrides))
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_more_clients_a_round_than_passed_the_handshake_is_one_line() -> None:
+    settings = UserLevelSettings(3.0, 1e-5, CLIP, "central", "prv", 10, clients_per_round=5, population=3)
+    with pytest.raises(PrivacyBudgetError, match="federation.clients_per_round: 5 clients a round but only 3") as caught:
+        settings.calibrate()  # was: ValueError("math domain error") from the accountant, at q = 5/3
+    assert "\n" not in str(caught.value)
 
 
 def test_an_impossible_user_level_budget_is_one_line_and_exit_2(tmp_path) -> None:
@@ -161,15 +183,39 @@ def test_settings_that_break_the_mechanism_are_refused_by_the_config(overrides: 
         user_config(*overrides)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (("privacy.unit='user'",), "privacy.unit"),
+        (("privacy.user_clip=0.5",), "privacy.user_clip"),
+        (("privacy.noise='distributed'",), "privacy.noise"),
+        (("privacy.secret_noise=true",), "privacy.secret_noise"),
+        (("privacy.enabled=true", "privacy.user_clip=0.5"), "privacy.user_clip"),  # example level
+    ],
+    ids=["unit", "user-clip", "noise", "secret-noise", "example-level-user-clip"],
+)
+def test_user_level_settings_that_would_do_nothing_are_refused(overrides: tuple[str, ...], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"{key}: a user-level setting, which does nothing unless"):
+        tiny_config(*overrides)
+
+
 def test_every_strategy_either_says_what_it_clips_or_is_refused() -> None:
     config = user_config()
     for name, cls in STRATEGIES.items():
-        if cls.user_level_dp:
+        if name in USER_LEVEL:
             cls.check_privacy(config)
         else:
             with pytest.raises(ConfigError, match=f"strategy {name} cannot run under user-level DP"):
                 cls.check_privacy(config)
-    assert {name for name, cls in STRATEGIES.items() if cls.user_level_dp} >= {"fedit", "ffa_lora", "fedsvd", "rolora"}
+    assert USER_LEVEL == ["fedit", "fedsa_lora", "fedsvd", "ffa_lora", "lora_a2", "rolora"]
+
+
+def test_a_subclass_does_not_inherit_what_its_parent_clips() -> None:
+    class Derived(FedIT):  # a new aggregation rule, which says nothing of user-level DP
+        name = "derived"
+
+    with pytest.raises(ConfigError, match="strategy derived cannot run under user-level DP"):
+        Derived.check_privacy(user_config())
 
 
 # --- sampling and clipping ----------------------------------------------------------------
@@ -246,9 +292,30 @@ def test_distributed_shares_sum_to_the_central_noise(sampled: int, arrived: int)
     assert_gaussian(mean * privacy.settings.expected_clients, 1.3 * CLIP)
 
 
+def test_a_distributed_reply_without_its_noise_share_is_topped_up_and_named() -> None:
+    privacy = mechanism(noise_multiplier=1.3, noise="distributed")
+    strategy = FedIT(ROSTER, clients_per_round=4, seed=3, weighting="uniform", train_head=False)
+    strategy.user_privacy = privacy
+    g = torch.Generator().manual_seed(0)
+    before = LoraState(factors={"l": {"A": torch.randn(2, 5000, generator=g), "B": torch.randn(6, 2, generator=g)}})
+    messages = list(strategy.configure_train(1, before.to_array_record(), ConfigRecord(), grid=None))
+    nodes = [m.metadata.dst_node_id for m in messages]
+    share = ShareInstruction.from_config(messages[0].content["config"])
+    cheat = nodes[0]  # adds no noise share: its reply is its bare change (norm about 1)
+    replies = [
+        reply(node, moved(before, 0.01, node) if node == cheat else share.apply(moved(before, 0.01, node), before, node), "")
+        for node in nodes
+    ]
+    strategy.aggregate_train(1, replies)
+    figures = strategy.last_round.extra["user_dp"]
+    assert len(nodes) >= 2 and strategy.last_round.accepted == sorted(NODES[n] for n in nodes)
+    assert figures["noise_withheld"] == [NODES[cheat]] and figures["noise_shares"] == len(nodes) - 1
+    assert figures["server_noise_std"] == pytest.approx(privacy.noise_std / math.sqrt(len(nodes)))
+
+
 def test_the_central_mechanism_sends_clients_no_noise_instruction() -> None:
     assert mechanism(1.0).client_instruction(4) == {}
-    assert set(mechanism(1.0, "distributed").client_instruction(4)) == {CLIP_KEY, SHARE_STD_KEY}
+    assert set(mechanism(1.0, "distributed").client_instruction(4)) == {CLIP_KEY, SHARE_STD_KEY, SECRET_KEY}
 
 
 def test_the_server_clips_a_distributed_reply_that_skipped_its_clipping() -> None:
@@ -260,8 +327,9 @@ def test_the_server_clips_a_distributed_reply_that_skipped_its_clipping() -> Non
 
 
 # --- strategies ---------------------------------------------------------------------------
-@pytest.mark.parametrize("cls", [FedIT, FFALoRA, FedSVD])
-def test_no_update_reaches_the_aggregation_unclipped(cls: type[LoraStrategy], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", USER_LEVEL)
+def test_no_update_reaches_the_aggregation_unclipped(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    cls = STRATEGIES[name]
     strategy = private_strategy(cls, mechanism(noise_multiplier=0.0))
     seen: list[list[LoraState]] = []
     original = cls.aggregate_factors
@@ -270,7 +338,7 @@ def test_no_update_reaches_the_aggregation_unclipped(cls: type[LoraStrategy], mo
     )
     before, after, sampled = run_round(strategy, scale=1e3)
     assert sampled and len(seen) == 1 and len(seen[0]) == 1  # one private update, never a client's
-    private = seen[0][0].minus(before.select(cls.trains, True)).flatten()
+    private = seen[0][0].minus(before.select(strategy.uploads, True)).flatten()
     assert float(torch.linalg.vector_norm(private)) <= len(sampled) * CLIP / 4 + 1e-5
     head_change = torch.cat([(after.head[k] - before.head[k]).reshape(-1) for k in before.head])
     assert float(torch.linalg.vector_norm(head_change)) <= len(sampled) * CLIP / 4 + 1e-5
@@ -311,6 +379,38 @@ def test_a_round_with_nobody_sampled_still_releases_its_noise() -> None:
     assert sampled == [] and not strategy.last_round.skipped
     assert not torch.equal(before.flatten(), after.flatten())
     assert strategy.last_round.extra["user_dp"]["server_noise_std"] == pytest.approx(CLIP)
+
+
+# --- where the randomness comes from ------------------------------------------------------
+@pytest.mark.parametrize("secret", [False, True])
+def test_seeded_randomness_reproduces_and_secret_randomness_never_does(secret: bool) -> None:
+    rounds = [run_round(private_strategy(FedIT, mechanism(1.0, secret=secret)), scale=0.1) for _ in range(2)]
+    released = [after.flatten() for _, after, _ in rounds]
+    assert torch.equal(*released) != secret  # the server's noise
+    population = list(range(64))  # sampling at q = 1/2: two secret draws agree with probability 2^-64
+    draws = [mechanism(1.0, clients_per_round=N // 2, secret=secret).sample(population, seed=3, server_round=1) for _ in range(2)]
+    assert (draws[0] == draws[1]) != secret
+    share = ShareInstruction.from_config(mechanism(1.0, "distributed", secret=secret).client_instruction(2))
+    state = global_state()
+    shares = [share.apply(state, state, seed=5).flatten() for _ in range(2)]  # a client's share
+    assert torch.equal(*shares) != secret
+
+
+def test_the_summary_and_the_model_card_say_when_the_noise_is_seeded() -> None:
+    assert mechanism(1.0).summary()["noise_source"] == SEEDED_NOISE
+    assert "not private against anyone holding the seed" in SEEDED_NOISE
+    assert mechanism(1.0, secret=True).summary()["noise_source"] != SEEDED_NOISE
+    card = model_card(user_config(), ["a", "b"], RunFigures("run", 2, 3, 0.5, 10, 1.0))
+    assert SEEDED_NOISE in card
+    assert SEEDED_NOISE not in model_card(
+        user_config("privacy.secret_noise=true"), ["a", "b"], RunFigures("run", 2, 3, 0.5, 10, 1.0)
+    )
+
+
+def test_a_flwr_run_deployment_draws_secret_noise_unless_its_experiment_says_otherwise() -> None:
+    assert with_secret_noise(user_config()).privacy.secret_noise
+    assert not with_secret_noise(user_config("privacy.secret_noise=false")).privacy.secret_noise
+    assert UserLevelSettings.from_config(with_secret_noise(user_config()), population=N).secret
 
 
 # --- comparisons --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""User-level DP through Flower's simulation engine: FedIT (central noise) and FedSVD (distributed), and resume."""
+"""User-level DP through Flower's simulation engine: FedIT (central noise) and FedSVD (distributed, secret), and resume."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from fedlora.interrupt import RunInterrupted
 from fedlora.privacy import epsilon_of
 from fedlora.results import read_history, read_summary
 from fedlora.simulation import simulate
+from fedlora.user_privacy import SECRET_NOISE
 from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_ray")]
@@ -43,14 +44,16 @@ def assert_user_level_ledger(run_dir: Path, noise: str) -> None:
     assert privacy["epsilon"] == pytest.approx(history[-1]["epsilon_max"]) and privacy["epsilon"] <= 8.0
 
 
-def test_fedsvd_with_distributed_noise_runs_at_user_level(tmp_path: Path) -> None:
-    simulate(tiny_config(*USER_LEVEL, "strategy.name='fedsvd'", "privacy.noise='distributed'"), tmp_path / "run")
+def test_fedsvd_with_distributed_secret_noise_runs_at_user_level(tmp_path: Path) -> None:
+    secret = ("privacy.noise='distributed'", "privacy.secret_noise=true")  # the clients draw their shares from the OS
+    simulate(tiny_config(*USER_LEVEL, "strategy.name='fedsvd'", *secret), tmp_path / "run")
     assert_user_level_ledger(tmp_path / "run", "distributed")
     history = read_history(tmp_path / "run")
     for line in history[1:]:  # honest clients: every share arrived, none was clipped by the server
         figures = line["extra"]["user_dp"]
-        assert figures["noise_shares"] == len(line["clients"]) and figures["clipped"] == 0
-    assert "secure aggregation" in read_summary(tmp_path / "run")["user_privacy"]["trust"]
+        assert figures["noise_shares"] == len(line["clients"]) and figures["clipped"] == 0 and not figures["noise_withheld"]
+    privacy = read_summary(tmp_path / "run")["user_privacy"]
+    assert "secure aggregation" in privacy["trust"] and privacy["noise_source"] == SECRET_NOISE
 
 
 def test_fedit_at_user_level_resumes_with_its_ledger(tmp_path: Path) -> None:

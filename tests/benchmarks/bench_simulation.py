@@ -179,10 +179,22 @@ def measure_one(
         return run(config, Path(tmp) / engine)
 
 
+def check_rounds(rounds: int) -> None:
+    """Refuse, in one line (exit 2), fewer rounds than the figures need: round 1 builds the actors'
+    models, and the breakdown is of the rounds after it."""
+    if rounds < 2:
+        print(
+            f"--rounds {rounds}: at least 2 (round 1 builds the actors' models; the figures are of the rounds after it)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+
+
 def main(
     clients: int = 4, rounds: int = 3, strategy: str = "fedit", local_steps: int | None = None, config_path: str | None = None
 ) -> dict[str, dict[str, Any]]:
     """Run both engines, each in a fresh process; print and return their figures and ratios."""
+    check_rounds(rounds)
     config = experiment(clients, rounds, strategy, local_steps, config_path)
     print(
         f"simulation: {config_path or 'the tiny BERT of the tests'}, {clients} clients x {rounds} rounds, {config.federation.local_steps} local steps of "
@@ -265,6 +277,7 @@ if __name__ == "__main__":
     parser.add_argument("--config", default=None, help="a config file instead of the tests' tiny experiment")
     parser.add_argument("--one", choices=ENGINES, help="run only this engine and print JSON (internal)")
     args = parser.parse_args()
+    check_rounds(args.rounds)
     if args.one:
         print(RESULT + json.dumps(measure_one(args.one, args.clients, args.rounds, args.strategy, args.local_steps, args.config)))
     else:
