@@ -23,7 +23,8 @@ from torch import Tensor
 
 from fedlora.lora import LoraState
 from strategies.base import LoraStrategy
-from strategies.flora import fold, merged_parts, stack, work_dtype
+from strategies.flora import fold, merged_parts, stack
+from strategies.gram_svd import work_dtype
 
 
 def pad_rank(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -40,7 +41,7 @@ def residual_stack(
     bs: list[Tensor], as_: list[Tensor], weights: Tensor, scale: float = 1.0
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(B̄, Ā, U, V): FedIT's averages at the largest client rank (smaller ones zero-padded), in
-    float64, and the residual times `scale` as a stack in flora.work_dtype,
+    float64, and the residual times `scale` as a stack in gram_svd.work_dtype,
     U V = scale (sum_k p_k B_k A_k - B̄ Ā).
 
     With the weights summing to 1, that residual is sum_{k<K} p_k (B_k - B_K)(A_k - Ā): U holds

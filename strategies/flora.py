@@ -10,8 +10,6 @@ FlexLoRA and FedEx-LoRA start from this same stack and re-factorize it.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -20,6 +18,7 @@ from fedlora.seeds import derive_seed
 from strategies.base import LoraStrategy
 from strategies.fedsvd import low_rank
 from strategies.ffa_lora import shared_a
+from strategies.gram_svd import work_dtype
 
 
 def stack(bs: list[Tensor], as_: list[Tensor], weights: Tensor) -> tuple[Tensor, Tensor]:
@@ -50,11 +49,6 @@ def stack(bs: list[Tensor], as_: list[Tensor], weights: Tensor) -> tuple[Tensor,
     return b_stack, a_stack
 
 
-def work_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 if any of the tensors is, else float32 (bfloat16 and float16 factors widened)."""
-    return functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
-
-
 def stack_bytes(bs: list[Tensor], as_: list[Tensor]) -> int:
     """Bytes of the stacked adapter in the clients' dtype (what one client downloads per layer)."""
     return sum(t.numel() * t.element_size() for t in (*bs, *as_))
@@ -62,7 +56,7 @@ def stack_bytes(bs: list[Tensor], as_: list[Tensor]) -> int:
 
 def fold(merged_u: Tensor | None, merged_v: Tensor | None, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor] | None:
     """The base-weight delta M + u v (M = merged_u merged_v, or none yet) as factors of its
-    numerical rank (fedsvd.low_rank), in work_dtype; None when that delta is zero. Stateless
+    numerical rank (fedsvd.low_rank), in gram_svd.work_dtype; None when that delta is zero. Stateless
     clients get the whole delta every round, so it is kept as small as it exactly is (at most
     min(d_out, d_in) ranks)."""
     if merged_u is not None:

@@ -36,6 +36,12 @@ _EPS = torch.finfo(_GRAM_DTYPE).eps
 _GRAM_BLOCK = 1024
 
 
+def work_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype to stack factors in: float64 if any of them is, else float32 (bfloat16 and
+    float16 widened). Float64 stacks are re-factorized by Householder QRs (fedsvd.product_svd)."""
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
+
+
 def gram_product_svd(b: Tensor, a: Tensor, top: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(U, S, V^T) of B A, B A never formed: S (float64) holds the m singular values the Grams
     resolve, descending (m = 0 when B A is zero); U (d_out x m') and V^T (m' x d_in) in the
@@ -66,6 +72,9 @@ def gram(x: Tensor) -> Tensor:
     held to torch's thread count, the cores the ServerApp owns (fedlora/threads.py). x is
     widened to float64 a block of columns at a time, so that the copy stays in cache.
     """
+    if x.device.type != "cpu":  # numpy's BLAS is the CPU's
+        wide = x.to(_GRAM_DTYPE)
+        return wide @ wide.T
     total = torch.zeros(x.shape[0], x.shape[0], dtype=_GRAM_DTYPE)
     with _blas_pools().limit(limits=torch.get_num_threads(), user_api="blas"):
         for block in x.split(_GRAM_BLOCK, dim=1):
@@ -91,7 +100,7 @@ def _root(gram_matrix: Tensor, upper: Tensor | None) -> tuple[Tensor, Tensor]:
     there is one, else diag(sqrt(lambda)) V^T over its eigenvalues above R * eps of the largest
     (an all-zero Gram gives 0 x R)."""
     if upper is not None:
-        identity = torch.eye(upper.shape[0], dtype=upper.dtype)
+        identity = torch.eye(upper.shape[0], dtype=upper.dtype, device=upper.device)
         return upper, torch.linalg.solve_triangular(upper, identity, upper=True)
     values, vectors = torch.linalg.eigh(gram_matrix)
     kept = values > gram_matrix.shape[0] * _EPS * values[-1:].clamp(min=0)
