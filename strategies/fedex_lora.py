@@ -45,7 +45,7 @@ def residual_stack(
     U V = scale (sum_k p_k B_k A_k - B̄ Ā).
 
     With the weights summing to 1, that residual is sum_{k<K} p_k (B_k - B_K)(A_k - Ā): U holds
-    the scale p_k (B_k - B_K), V the A_k - Ā (inner rank (K - 1) r). Differences, not the
+    the B_k - B_K, V the scale p_k (A_k - Ā) (inner rank (K - 1) r). Differences, not the
     clients' factors themselves: when clients differ by e, the residual is ~e^2 of the factors'
     product, and a stack of the factors would leave it to cancellation (which the Gram
     re-factorization of float32 factors, ~1e-7 of ||U|| ||V||, could not resolve); identical

@@ -1,7 +1,7 @@
 """FLoRA (Wang et al., 2024): aggregation by stacking, exact for any mix of client ranks.
 
 Client k's update is the product B_k A_k (d_out x r_k times r_k x d_in). Stacking the factors
-side by side, B = [p_1 B_1, ..., p_K B_K] (d_out x R) and A = [A_1; ...; A_K] (R x d_in) with
+side by side, B = [B_1, ..., B_K] (d_out x R) and A = [p_1 A_1; ...; p_K A_K] (R x d_in) with
 R = sum_k r_k, gives B A = sum_k p_k B_k A_k exactly: no cross terms, whatever the ranks. As in
 the paper, the stack is merged into every client's frozen base weights and each round starts
 a fresh LoRA; what the downlink carries grows with the stack (R (d_out + d_in) values a layer).
@@ -22,7 +22,7 @@ from strategies.gram_svd import work_dtype
 
 
 def stack(bs: list[Tensor], as_: list[Tensor], weights: Tensor) -> tuple[Tensor, Tensor]:
-    """([p_k B_k] side by side, [A_k] on top of each other): their product is sum_k p_k B_k A_k.
+    """([B_k] side by side, [p_k A_k] on top of each other): their product is sum_k p_k B_k A_k.
 
     In float64 when the factors are (then every re-factorization of the stack is exact to
     ~1e-15), else in float32: clients' float32 factors are re-factorized from float64 Grams to
@@ -40,12 +40,13 @@ def stack(bs: list[Tensor], as_: list[Tensor], weights: Tensor) -> tuple[Tensor,
             or a.shape[1] != as_[0].shape[1]
         ):
             raise ValueError(f"stack: B {tuple(b.shape)} and A {tuple(a.shape)} are not a factor pair of the layer")
-    dtype, ranks = work_dtype(*bs, *as_), [b.shape[1] for b in bs]
-    b_stack = torch.empty(bs[0].shape[0], sum(ranks), dtype=dtype)
-    a_stack = torch.empty(sum(ranks), as_[0].shape[1], dtype=dtype)
-    for b, a, w, b_part, a_part in zip(bs, as_, weights.tolist(), b_stack.split(ranks, 1), a_stack.split(ranks)):
-        torch.mul(b, w, out=b_part)  # one pass over the large factors each, straight into the stack
-        a_part.copy_(a)
+    dtype = work_dtype(*bs, *as_)
+    b_stack = torch.cat([b.to(dtype) for b in bs], dim=1)
+    a_stack = torch.cat([a.to(dtype) for a in as_], dim=0)
+    # The weights on A's rows, each client's a contiguous block (on B's columns, a strided
+    # pass over the whole stack, it takes several times as long).
+    for rows, weight in zip(a_stack.split([b.shape[1] for b in bs]), weights.tolist()):
+        rows.mul_(weight)
     return b_stack, a_stack
 
 
