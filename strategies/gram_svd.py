@@ -25,7 +25,9 @@ references, nearly parallel clients included); U and V are orthonormal to about 
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from threadpoolctl import ThreadpoolController
 from torch import Tensor
@@ -65,22 +67,39 @@ def gram_low_rank(b: Tensor, a: Tensor, tolerance: float) -> tuple[Tensor, Tenso
 
 
 def gram(x: Tensor) -> Tensor:
-    """x x^T in float64 (x is R x n, n large), by BLAS syrk on the threads torch is given.
+    """x x^T in float64 (x is R x n, n large), by BLAS syrk, on torch's threads.
 
     numpy's matmul computes y y^T by syrk (half the products of a general matrix product;
-    torch's matmul has no such case), about twice as fast here. Its BLAS pool (OpenBLAS) is
-    held to torch's thread count, the cores the ServerApp owns (fedlora/threads.py). x is
-    widened to float64 a block of columns at a time, so that the copy stays in cache.
+    torch's matmul has no such case): on one core, about twice as fast as torch's on one.
+    x is widened to float64 a block of columns at a time, so that the copy stays in cache,
+    and the blocks are shared among torch.get_num_threads() Python threads (the cores the
+    ServerApp owns), each running OpenBLAS on one thread: OpenBLAS's own pool leaves its idle
+    workers spinning after a call, and beside torch's threads on two busy cores that slowed a
+    7B-shaped round ~40x. numpy releases the GIL for both steps.
     """
     if x.device.type != "cpu":  # numpy's BLAS is the CPU's
         wide = x.to(_GRAM_DTYPE)
         return wide @ wide.T
-    total = torch.zeros(x.shape[0], x.shape[0], dtype=_GRAM_DTYPE)
-    with _blas_pools().limit(limits=torch.get_num_threads(), user_api="blas"):
-        for block in x.split(_GRAM_BLOCK, dim=1):
-            wide = block.to(_GRAM_DTYPE).numpy()
-            total += torch.from_numpy(wide @ wide.T)
-    return total
+    narrow, workers = x.detach().numpy(), torch.get_num_threads()
+    starts = range(0, narrow.shape[1], _GRAM_BLOCK)
+
+    def partial(share: range) -> np.ndarray:
+        total = np.zeros((narrow.shape[0], narrow.shape[0]))
+        for start in share:
+            wide = narrow[:, start : start + _GRAM_BLOCK].astype(np.float64, order="K")
+            total += wide @ wide.T
+        return total
+
+    with _blas_pools().limit(limits=1, user_api="blas"):
+        if workers == 1 or len(starts) == 1:
+            return torch.from_numpy(partial(starts))
+        return torch.from_numpy(sum(_workers(workers).map(partial, [starts[i::workers] for i in range(workers)])))
+
+
+@functools.cache
+def _workers(count: int) -> ThreadPoolExecutor:
+    """Threads for the Grams' blocks (idle ones wait on a queue, they do not spin)."""
+    return ThreadPoolExecutor(count, thread_name_prefix="gram")
 
 
 @functools.cache
