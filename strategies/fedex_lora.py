@@ -4,10 +4,9 @@ Averaging the factors (B̄ = sum p_k B_k, Ā = sum p_k A_k) misses the cross ter
 dW - B̄ Ā with dW = sum_k p_k B_k A_k. The paper adds the residual, formed densely
 (d_out x d_in), to every client's frozen base weights, so that base + B̄ Ā is exactly the
 average of the clients' models. Here the residual never exists densely: it is the product of
-FLoRA's stack with -B̄ appended on the left and Ā below, and the thin QR + small SVD
-(strategies/fedsvd.py) re-factorizes it, together with the delta merged in earlier rounds, to
-its numerical rank (a round's residual has at most K r: its columns lie in the span of the B_k)
-as U V, which is what the downlink carries and what clients merge.
+a stack of the clients' differences (residual_stack), which fedsvd.low_rank re-factorizes,
+together with the delta merged in earlier rounds, to its numerical rank (a round's residual
+has at most (K - 1) r) as U V, which is what the downlink carries and what clients merge.
 
 Extension beyond the paper (one rank for all): clients of different ranks. A rank-r client is
 sent the first r components of the average, and the rest (the tail) is folded into its frozen
@@ -23,8 +22,9 @@ import torch
 from torch import Tensor
 
 from fedlora.lora import LoraState
-from strategies.base import LoraStrategy, weighted_sum
+from strategies.base import LoraStrategy
 from strategies.flora import fold, merged_parts, stack
+from strategies.gram_svd import work_dtype
 
 
 def pad_rank(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -32,18 +32,43 @@ def pad_rank(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     extra = rank - b.shape[1]
     if extra < 0:
         raise ValueError(f"pad_rank: rank {b.shape[1]} is above the target {rank}")
+    if extra == 0:
+        return b, a
     return torch.nn.functional.pad(b, (0, extra)), torch.nn.functional.pad(a, (0, 0, 0, extra))
 
 
-def residual_stack(bs: list[Tensor], as_: list[Tensor], weights: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(B̄, Ā, U, V) in float64: FedIT's averages at the largest client rank (smaller ones zero-padded)
-    and the residual as a stack, U V = sum_k p_k B_k A_k - B̄ Ā exactly (inner rank sum_k r_k + r)."""
+def residual_stack(
+    bs: list[Tensor], as_: list[Tensor], weights: Tensor, scale: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(B̄, Ā, U, V): FedIT's averages at the largest client rank (smaller ones zero-padded), in
+    float64, and the residual times `scale` as a stack in gram_svd.work_dtype,
+    U V = scale (sum_k p_k B_k A_k - B̄ Ā).
+
+    With the weights summing to 1, that residual is sum_{k<K} p_k (B_k - B_K)(A_k - Ā): U holds
+    the B_k - B_K, V the scale p_k (A_k - Ā) (inner rank (K - 1) r). Differences, not the
+    clients' factors themselves: when clients differ by e, the residual is ~e^2 of the factors'
+    product, and a stack of the factors would leave it to cancellation (which the Gram
+    re-factorization of float32 factors, ~1e-7 of ||U|| ||V||, could not resolve); identical
+    clients give U = 0.
+    """
     top = max(b.shape[1] for b in bs)
-    padded = [pad_rank(b.double(), a.double(), top) for b, a in zip(bs, as_)]
-    b_mean = weighted_sum([b for b, _ in padded], weights)
-    a_mean = weighted_sum([a for _, a in padded], weights)
-    b_stack, a_stack = stack(bs, as_, weights)
-    return b_mean, a_mean, torch.cat([b_stack, -b_mean], dim=1), torch.cat([a_stack, a_mean], dim=0)
+    padded = [pad_rank(b, a, top) for b, a in zip(bs, as_)]
+    b_mean = _mean([b for b, _ in padded], weights)
+    a_mean = _mean([a for _, a in padded], weights)
+    dtype = work_dtype(*bs, *as_)
+    if len(padded) == 1:  # one client: its product is the average's
+        return b_mean, a_mean, b_mean[:, :0].to(dtype), a_mean[:0].to(dtype)
+    b_last = padded[-1][0]
+    u, v = stack([b - b_last for b, _ in padded[:-1]], [(a - a_mean).to(dtype) for _, a in padded[:-1]], weights[:-1] * scale)
+    return b_mean, a_mean, u, v
+
+
+def _mean(tensors: list[Tensor], weights: Tensor) -> Tensor:
+    """sum_k w_k T_k accumulated in float64 (the residual's identity holds to its rounding)."""
+    total = torch.zeros(tensors[0].shape, dtype=torch.float64)
+    for tensor, weight in zip(tensors, weights.tolist()):
+        total.add_(tensor, alpha=weight)
+    return total
 
 
 # --- Flower strategy ---
@@ -81,16 +106,24 @@ class FedExLoRA(LoraStrategy):
         factors, ranks = {}, []
         for layer, parts in global_state.factors.items():
             bs, as_ = [], []
-            for update in updates:  # a rank-r client's effective adapter: its factors, then the frozen tail
-                b, a = update.factors[layer]["B"], update.factors[layer]["A"]
-                root = (self.scaling(b.shape[1]) / top_scaling) ** 0.5
-                bs.append(torch.cat([b * root, parts["B"][:, b.shape[1] :]], dim=1))
-                as_.append(torch.cat([a * root, parts["A"][a.shape[0] :]], dim=0))
-            # The residual's stack and the merged delta re-factorized together: one QR + SVD pass.
-            b_mean, a_mean, u, v = residual_stack(bs, as_, weights)
-            delta = fold(parts.get("U"), parts.get("V"), u * top_scaling, v)
+            for update in updates:
+                b, a = self._effective_adapter(update.factors[layer], parts)
+                bs.append(b)
+                as_.append(a)
+            # The residual's stack and the merged delta re-factorized together: one pass.
+            b_mean, a_mean, u, v = residual_stack(bs, as_, weights, top_scaling)
+            delta = fold(parts.get("U"), parts.get("V"), u, v)
             dtype = parts["A"].dtype
             factors[layer] = merged_parts({"A": a_mean.to(dtype), "B": b_mean.to(dtype)}, delta, dtype)
             ranks.append(0 if delta is None else delta[0].shape[1])
         self.last_round.extra["merged_rank_max"] = max(ranks)
         return LoraState(factors=factors)
+
+    def _effective_adapter(self, trained: dict[str, Tensor], parts: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """A client's factors in the global scaling's units, then the frozen tail of a rank-r client."""
+        b, a = trained["B"], trained["A"]
+        rank = b.shape[1]
+        if rank == self.global_rank():
+            return b, a
+        root = (self.scaling(rank) / self.scaling(self.global_rank())) ** 0.5
+        return torch.cat([b * root, parts["B"][:, rank:]], dim=1), torch.cat([a * root, parts["A"][rank:]], dim=0)

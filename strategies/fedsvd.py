@@ -16,6 +16,7 @@ from torch import Tensor
 from fedlora.config import StrategyConfig
 from fedlora.lora import LoraState
 from strategies.base import LoraStrategy, weighted_sum
+from strategies.gram_svd import gram_low_rank, gram_product_svd
 
 # The factors are thin (d x r), so float64 costs little and keeps B'A' = BA to ~1e-15 relative
 # even when B and A are badly conditioned; results go back in the caller's dtype.
@@ -50,17 +51,23 @@ def refactorize(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     return b_new.to(B.dtype), a_new.to(A.dtype)
 
 
-def product_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The thin SVD (U, S, V^T) of B A in float64, B A never formed; any inner rank, even above d_out or d_in.
+def product_svd(B: Tensor, A: Tensor, top: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD (U, S, V^T) of B A, B A never formed; any inner rank, even above d_out or d_in.
 
-    U is d_out x m, S has m values in descending order, V^T is m x d_in, m = min(d_out, d_in, r).
-    The strategies that aggregate products of several clients (FlexLoRA, FedEx-LoRA) call it on
-    their stacked factors, whose inner rank is the sum of the clients' ranks.
+    U is d_out x m, S has m values in descending order, V^T is m x d_in, m = min(d_out, d_in, r);
+    with `top`, U and V^T hold only the first min(m, top) components. The strategies that
+    aggregate products of several clients (FlexLoRA, FedEx-LoRA) call it on their stacked
+    factors, whose inner rank is the sum of the clients' ranks. Float64 factors: Householder
+    QRs, exact to ~1e-15, all in float64. Narrower factors (float32, what clients send): from
+    float64 Gram matrices (strategies/gram_svd.py), ~1e-7, U and V^T in the factors' dtype,
+    only the components the Grams resolve in S (m may be smaller).
     """
     _check_factors(B, A)
+    if B.dtype != _WORK_DTYPE or A.dtype != _WORK_DTYPE:
+        return gram_product_svd(B, A, top)
     q_b, core, q_a = _qr_core(B, A)
     u, s, vh = torch.linalg.svd(core, full_matrices=False)  # kb x m, m, m x ka
-    return q_b @ u, s, vh @ q_a.T
+    return q_b @ u[:, :top], s, vh[:top] @ q_a.T
 
 
 def numerical_rank(s: Tensor, scale: float, size: int) -> int:
@@ -70,10 +77,20 @@ def numerical_rank(s: Tensor, scale: float, size: int) -> int:
 
 
 def low_rank(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-    """B A re-factorized to its numerical rank q as balanced factors (d_out x q, q x d_in), float64."""
-    u, s, vh = product_svd(b, a)
+    """B A re-factorized to its numerical rank q as balanced factors (d_out x q, q x d_in).
+
+    Float64 factors: U sqrt(S), sqrt(S) V^T in float64. Narrower ones (float32): the same in
+    their dtype, from float64 Grams (strategies/gram_svd.py), except that factors of full rank
+    R come back as they are (the product then has rank R: nothing to shed).
+    """
+    size = max(b.shape[0], a.shape[1], b.shape[1])
     scale = float(torch.linalg.matrix_norm(b) * torch.linalg.matrix_norm(a))
-    q = numerical_rank(s, scale, max(b.shape[0], a.shape[1], b.shape[1]))
+    if scale == 0:  # a zero product, or an empty stack (inner rank 0)
+        return b[:, :0], a[:0]
+    if b.dtype != _WORK_DTYPE or a.dtype != _WORK_DTYPE:
+        return gram_low_rank(b, a, torch.finfo(_WORK_DTYPE).eps * size * scale)
+    u, s, vh = product_svd(b, a)
+    q = numerical_rank(s, scale, size)
     root = s[:q].sqrt()
     return u[:, :q] * root, root[:, None] * vh[:q]
 

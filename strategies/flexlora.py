@@ -3,9 +3,9 @@
 Clients may train different ranks r_k. The server wants the best rank-r_k approximation of
 dW = sum_k p_k B_k A_k for each client (Eckart-Young: its top-r_k singular triplets). The paper
 (and HetLoRA-style peers) form dW densely (d_out x d_in) and take its SVD. Here dW is never
-formed: FLoRA's stack (strategies/flora.py) has inner rank R = sum_k r_k, and FedSVD's thin QR
-of each side plus the SVD of the small core (strategies/fedsvd.py) gives dW's SVD in
-O((d_out + d_in) R^2), exact to rounding. Each client gets U_r sqrt(S_r) and sqrt(S_r) V_r^T
+formed: FLoRA's stack (strategies/flora.py) has inner rank R = sum_k r_k, and fedsvd.product_svd
+gives dW's SVD from it in O((d_out + d_in) R^2): exact to ~1e-15 for float64 factors, to ~1e-7
+(from float64 Gram matrices) for the float32 factors clients send. Each client gets U_r sqrt(S_r) and sqrt(S_r) V_r^T
 (the balanced split, so neither factor dwarfs the other), and the Frobenius norm of what the
 truncation dropped is recorded.
 """
@@ -35,7 +35,7 @@ class Truncated:
 
 
 def top_factors(u: Tensor, s: Tensor, vh: Tensor, r: int, kept: int) -> tuple[Tensor, Tensor]:
-    """The balanced rank-r factors of U S V^T: B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, in float64.
+    """The balanced rank-r factors of U S V^T: B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, in U's and V^T's dtype.
 
     Components beyond `kept` (the numerical rank) come back as LoRA's own initialization: a zero
     column of B with a unit row of A, which adds nothing to the product yet keeps both trainable
@@ -73,14 +73,15 @@ def flexlora_aggregate(bs: list[Tensor], as_: list[Tensor], weights: Tensor, ran
 
     Client ranks may differ (bs[k] is d_out x r_k); the ranks asked for need not be theirs.
     """
+    ranks = sorted(set(ranks))
     b_stack, a_stack = stack(bs, as_, weights)
-    u, s, vh = product_svd(b_stack, a_stack)
+    u, s, vh = product_svd(b_stack, a_stack, top=ranks[-1])  # every singular value, the vectors asked for
     total = float(s.square().sum().sqrt())
     scale = float(torch.linalg.matrix_norm(b_stack) * torch.linalg.matrix_norm(a_stack))
     kept = numerical_rank(s, scale, max(b_stack.shape[0], a_stack.shape[1], b_stack.shape[1]))
     dtype = bs[0].dtype
     out = {}
-    for r in sorted(set(ranks)):
+    for r in ranks:
         b, a = top_factors(u, s, vh, r, kept)
         error = float(s[r:].square().sum().sqrt())
         out[r] = Truncated(b.to(dtype), a.to(dtype), error, error / total if total > 0 else 0.0)
@@ -113,13 +114,11 @@ class FlexLoRA(LoraStrategy):
         ranks = sorted(set(self.client_ranks.values()) if self.client_ranks else {top})
         factors, errors = {}, {r: [] for r in ranks}
         for layer in global_state.factors:
-            bs, as_ = [], []
-            for update in updates:
-                b, a = update.factors[layer]["B"], update.factors[layer]["A"]
-                root = (self.scaling(b.shape[1]) / self.scaling(top)) ** 0.5  # in units of the global scaling
-                bs.append(b * root)
-                as_.append(a * root)
-            result = flexlora_aggregate(bs, as_, weights, ranks)
+            bs = [u.factors[layer]["B"] for u in updates]
+            as_ = [u.factors[layer]["A"] for u in updates]
+            # Products in units of the global scaling: a rank-r_k client's weight times s_k / s_top.
+            gains = torch.tensor([self.scaling(b.shape[1]) / self.scaling(top) for b in bs], dtype=weights.dtype)
+            result = flexlora_aggregate(bs, as_, weights * gains, ranks)
             factors[layer] = {"A": result[top].A, "B": result[top].B}
             for r in ranks:
                 errors[r].append(result[r].relative_error)

@@ -1,7 +1,7 @@
 """FLoRA (Wang et al., 2024): aggregation by stacking, exact for any mix of client ranks.
 
 Client k's update is the product B_k A_k (d_out x r_k times r_k x d_in). Stacking the factors
-side by side, B = [p_1 B_1, ..., p_K B_K] (d_out x R) and A = [A_1; ...; A_K] (R x d_in) with
+side by side, B = [B_1, ..., B_K] (d_out x R) and A = [p_1 A_1; ...; p_K A_K] (R x d_in) with
 R = sum_k r_k, gives B A = sum_k p_k B_k A_k exactly: no cross terms, whatever the ranks. As in
 the paper, the stack is merged into every client's frozen base weights and each round starts
 a fresh LoRA; what the downlink carries grows with the stack (R (d_out + d_in) values a layer).
@@ -18,15 +18,16 @@ from fedlora.seeds import derive_seed
 from strategies.base import LoraStrategy
 from strategies.fedsvd import low_rank
 from strategies.ffa_lora import shared_a
-
-_WORK_DTYPE = torch.float64
+from strategies.gram_svd import work_dtype
 
 
 def stack(bs: list[Tensor], as_: list[Tensor], weights: Tensor) -> tuple[Tensor, Tensor]:
-    """([p_k B_k] side by side, [A_k] on top of each other) in float64: their product is sum_k p_k B_k A_k.
+    """([B_k] side by side, [p_k A_k] on top of each other): their product is sum_k p_k B_k A_k.
 
-    Ranks may differ between clients; raises ValueError when a client's B and A do not pair or
-    the layers' shapes differ.
+    In float64 when the factors are (then every re-factorization of the stack is exact to
+    ~1e-15), else in float32: clients' float32 factors are re-factorized from float64 Grams to
+    ~1e-7, their own precision (fedsvd.product_svd). Ranks may differ between clients; raises
+    ValueError when a client's B and A do not pair or the layers' shapes differ.
     """
     if not bs or len(bs) != len(as_) or len(bs) != len(weights):
         raise ValueError(f"stack: {len(bs)} B factors, {len(as_)} A factors and {len(weights)} weights")
@@ -39,8 +40,13 @@ def stack(bs: list[Tensor], as_: list[Tensor], weights: Tensor) -> tuple[Tensor,
             or a.shape[1] != as_[0].shape[1]
         ):
             raise ValueError(f"stack: B {tuple(b.shape)} and A {tuple(a.shape)} are not a factor pair of the layer")
-    b_stack = torch.cat([b.to(_WORK_DTYPE) * w for b, w in zip(bs, weights.tolist())], dim=1)
-    a_stack = torch.cat([a.to(_WORK_DTYPE) for a in as_], dim=0)
+    dtype = work_dtype(*bs, *as_)
+    b_stack = torch.cat([b.to(dtype) for b in bs], dim=1)
+    a_stack = torch.cat([a.to(dtype) for a in as_], dim=0)
+    # The weights on A's rows, each client's a contiguous block (on B's columns, a strided
+    # pass over the whole stack, it takes several times as long).
+    for rows, weight in zip(a_stack.split([b.shape[1] for b in bs]), weights.tolist()):
+        rows.mul_(weight)
     return b_stack, a_stack
 
 
@@ -51,13 +57,13 @@ def stack_bytes(bs: list[Tensor], as_: list[Tensor]) -> int:
 
 def fold(merged_u: Tensor | None, merged_v: Tensor | None, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor] | None:
     """The base-weight delta M + u v (M = merged_u merged_v, or none yet) as factors of its
-    numerical rank, float64; None when that delta is zero. Stateless clients get the whole delta
-    every round, so it is kept as small as it exactly is (at most min(d_out, d_in) ranks)."""
+    numerical rank (fedsvd.low_rank), in gram_svd.work_dtype; None when that delta is zero. Stateless
+    clients get the whole delta every round, so it is kept as small as it exactly is (at most
+    min(d_out, d_in) ranks)."""
     if merged_u is not None:
-        u, v = (
-            torch.cat([merged_u.to(_WORK_DTYPE), u.to(_WORK_DTYPE)], dim=1),
-            torch.cat([merged_v.to(_WORK_DTYPE), v.to(_WORK_DTYPE)]),
-        )
+        dtype = work_dtype(merged_u, merged_v, u, v)
+        u = torch.cat([merged_u.to(dtype), u.to(dtype)], dim=1)
+        v = torch.cat([merged_v.to(dtype), v.to(dtype)])
     if u.shape[1] == 0:
         return None
     u, v = low_rank(u, v)
@@ -96,10 +102,11 @@ class FLoRA(LoraStrategy):
         """M <- M + sum_k p_k s_k B_k A_k (exact); next round: a fresh seeded A, B = 0."""
         factors, stacked, ranks = {}, 0, []
         for layer, parts in global_state.factors.items():
-            bs = [u.factors[layer]["B"] * self.scaling(u.factors[layer]["B"].shape[1]) for u in updates]
+            bs = [u.factors[layer]["B"] for u in updates]
             as_ = [u.factors[layer]["A"] for u in updates]
+            scalings = torch.tensor([self.scaling(b.shape[1]) for b in bs], dtype=weights.dtype)
             stacked += stack_bytes(bs, as_)
-            delta = fold(parts.get("U"), parts.get("V"), *stack(bs, as_, weights))
+            delta = fold(parts.get("U"), parts.get("V"), *stack(bs, as_, weights * scalings))
             rank, d_in = parts["A"].shape
             fresh = {"A": shared_a(derive_seed(self.seed, "flora", self.server_round), layer, rank, d_in, parts["A"].dtype)}
             fresh["B"] = torch.zeros_like(parts["B"])

@@ -26,6 +26,7 @@ from torch import Tensor
 from fedlora.config import StrategyConfig
 from fedlora.lora import LoraState
 from strategies.base import LoraStrategy
+from strategies.gram_svd import gram, work_dtype
 
 # Factors are thin (d x r) and the cores r x r or Kr x Kr: float64 is cheap here and keeps the
 # Gram-form identities accurate when the cosine is close to 1.
@@ -73,9 +74,10 @@ def lora_fair_correction(
     _check_options(lam, method, refinements)
     clients = _ClientFactors.stack(Bs, As, p)
     a_bar = clients.a_bar()
-    target = _FactoredTarget.build(clients, a_bar)
+    target = _FactoredTarget.build(clients)
     if method == "lstsq":
-        b_new = _RidgePath.build(target).ridge(lam)
+        path = _RidgePath.build(target)
+        b_new = path.form(path.ridge(lam))
     else:
         b_new = _cosine_solution(target, lam, refinements)
     return b_new.to(Bs[0].dtype), a_bar.to(As[0].dtype)
@@ -105,12 +107,13 @@ def fair_objective(
 
 @dataclass(frozen=True)
 class _ClientFactors:
-    """Every client's factors of one layer, converted to float64 once, side by side.
+    """Every client's factors of one layer, side by side, copied once into gram_svd.work_dtype.
 
     b_cat (d_out x Kr) holds [B_1, ..., B_K] and a_cat (Kr x d_in) holds [A_1; ...; A_K],
     unweighted: the weights p_k are applied to the small products instead, so each large
-    factor is read a few times and copied once (the conversion), which is what a round of a
-    7B-sized adapter spends its time on.
+    factor is read a few times and copied once, which is what a round of a 7B-sized adapter
+    spends its time on. Float32 factors stay float32 (a float64 copy would double the bytes
+    read); their Grams are float64 all the same (gram_svd.gram).
     """
 
     b_cat: Tensor
@@ -120,10 +123,11 @@ class _ClientFactors:
 
     @classmethod
     def stack(cls, Bs: list[Tensor], As: list[Tensor], p: Tensor) -> _ClientFactors:
-        """Copy the (validated) factors into one float64 buffer per kind."""
+        """Copy the (validated) factors into one buffer per kind, in gram_svd.work_dtype."""
         (d_out, r), d_in, k = Bs[0].shape, As[0].shape[1], len(Bs)
-        b_cat = torch.empty(d_out, k, r, dtype=_WORK_DTYPE, device=Bs[0].device)
-        a_cat = torch.empty(k, r, d_in, dtype=_WORK_DTYPE, device=As[0].device)
+        dtype = work_dtype(*Bs, *As)
+        b_cat = torch.empty(d_out, k, r, dtype=dtype, device=Bs[0].device)
+        a_cat = torch.empty(k, r, d_in, dtype=dtype, device=As[0].device)
         for i, (b, a) in enumerate(zip(Bs, As)):
             b_cat[:, i].copy_(b)
             a_cat[i].copy_(a)
@@ -133,14 +137,13 @@ class _ClientFactors:
         """(Kr,): p_k repeated over client k's r columns of b_cat (rows of a_cat)."""
         return self.p.repeat_interleave(self.rank)
 
-    def b_bar(self) -> Tensor:
-        """sum p_k B_k."""
-        d_out = self.b_cat.shape[0]
-        return self.b_cat.view(d_out, -1, self.rank).transpose(1, 2) @ self.p
+    def averaging(self) -> Tensor:
+        """Kr x r, [p_1 I; ...; p_K I]: b_cat @ it = sum p_k B_k, its transpose @ a_cat = sum p_k A_k."""
+        return torch.kron(self.p[:, None], torch.eye(self.rank, dtype=_WORK_DTYPE, device=self.p.device))
 
     def a_bar(self) -> Tensor:
-        """sum p_k A_k."""
-        return (self.p @ self.a_cat.view(self.p.shape[0], -1)).view(self.rank, -1)
+        """sum p_k A_k, float64."""
+        return (self.averaging().T.to(self.a_cat.dtype) @ self.a_cat).to(_WORK_DTYPE)
 
 
 @dataclass(frozen=True)
@@ -153,15 +156,26 @@ class _FactoredTarget:
     dw_norm: Tensor  # ||dW||_F
 
     @classmethod
-    def build(cls, clients: _ClientFactors, a_ref: Tensor) -> _FactoredTarget:
-        """Precompute g, h and ||dW|| from the clients' factors (the identities in the module docstring, W = diag(w)); a_ref is float64."""
+    def build(cls, clients: _ClientFactors, a_ref: Tensor | None = None) -> _FactoredTarget:
+        """Precompute g, h and ||dW|| from the clients' factors (the identities in the module
+        docstring, W = diag(w)); a_ref (float64) defaults to Ā, whose products with A_cat come
+        from A_cat's Gram matrix. Each large factor is read once for its Gram (gram_svd.gram,
+        BLAS syrk) and b_cat once more, for B̄ and g together."""
         b_cat, a_cat, w = clients.b_cat, clients.a_cat, clients.column_weights()
-        a_ref = a_ref.to(b_cat.device)
-        dw_sq = torch.sum((b_cat.T @ b_cat) * (a_cat @ a_cat.T) * torch.outer(w, w))
+        gram_a, averaging = gram(a_cat), clients.averaging()
+        if a_ref is None:
+            cross = gram_a @ averaging  # A_cat Ā^T
+            h = averaging.T @ cross
+        else:
+            a_ref = a_ref.to(b_cat.device)
+            cross, h = (a_cat @ a_ref.to(a_cat.dtype).T).to(_WORK_DTYPE), a_ref @ a_ref.T
+        dw_sq = torch.sum(gram(b_cat.T) * gram_a * torch.outer(w, w))
+        # In the factors' dtype: float32 factors give B̄ and g to their own precision.
+        means_and_g = (b_cat @ torch.cat([averaging, w[:, None] * cross], dim=1).to(b_cat.dtype)).to(_WORK_DTYPE)
         return cls(
-            b_bar=clients.b_bar(),
-            g=b_cat @ (w[:, None] * (a_cat @ a_ref.T)),
-            h=a_ref @ a_ref.T,
+            b_bar=means_and_g[:, : clients.rank],
+            g=means_and_g[:, clients.rank :],
+            h=h,
             dw_norm=dw_sq.clamp(min=0).sqrt(),  # rounding can push a zero norm slightly negative
         )
 
@@ -194,23 +208,30 @@ def _cosine_solution(target: _FactoredTarget, lam: float, refinements: int) -> T
     penalty tends to lam ||B̄||). That infimum is not attained and would erase the update: we
     consider only the path's interior local minima then.
     """
-    if target.dw_norm <= 0 or not torch.any(target.g):
-        return target.b_bar  # nothing of dW is reachable through Ā: no direction to correct in
     path = _RidgePath.build(target)
+    if target.dw_norm <= 0 or not torch.any(path.gg > 0):
+        return target.b_bar  # nothing of dW is reachable through Ā: no direction to correct in
     least_squares = path.ridge(0.0)
     if lam == 0:
         # The cosine alone leaves the scale free: take the lam -> 0+ limit, the path's end.
-        return path.low_rho_end() if path.least_squares_scale() > 0 else least_squares
+        return path.form(path.low_rho_end() if path.least_squares_scale() > 0 else least_squares)
     candidates = [least_squares]
     rho = _search_path(path, lam, refinements)
     if rho is not None:
         candidates.append(path.point(rho))
-    best, best_value = target.b_bar, target.objective(target.b_bar, lam)
+    # Compared in H's eigenbasis (one d_out x r pass each); only the winner is formed.
+    best, best_value = None, path.candidate_value(path.b_bar(), lam)
     for candidate in candidates:
-        value = target.objective(candidate, lam)
+        value = path.candidate_value(candidate, lam)
         if value < best_value:  # strictly: ties keep B̄
             best, best_value = candidate, value
-    return best
+    return target.b_bar if best is None else path.form(best)
+
+
+# A point B' of the ridge path's plane in H's eigenbasis, column by column: the weights (a, b, c)
+# with B' V = a G V + b B̄ V and dB V = (B' - B̄) V = a G V - c B̄ V (c = 1 - b, kept apart so
+# that a small dB is not the difference of two large terms).
+_Weights = tuple[Tensor, Tensor, Tensor]
 
 
 @dataclass(frozen=True)
@@ -276,23 +297,46 @@ class _RidgePath:
 
     def objective(self, rho: Tensor, lam: float) -> Tensor:
         """The objective at B'(rho) for a batch of rho, from the column Grams only."""
-        lam_h = self.eigenvalues
-        den = lam_h + rho[:, None]
-        a = self.kappa(rho)[:, None] / den  # weight of the columns of G V
-        b = rho[:, None] / den  # weight of the columns of B̄ V
-        c = lam_h / den  # 1 - b, the weight of -B̄ V in dB
-        n = torch.sum(a * self.gg + b * self.gb, dim=1)
-        q = torch.sum(lam_h * (a**2 * self.gg + 2 * a * b * self.gb + b**2 * self.bb), dim=1)
-        db_sq = torch.sum(a**2 * self.gg - 2 * a * c * self.gb + c**2 * self.bb, dim=1)
-        safe_q = q.clamp(min=torch.finfo(_WORK_DTYPE).tiny)
-        cosine = torch.where(q > 0, n / (self.dw_norm * safe_q.sqrt()), torch.zeros_like(n))
-        return 1 - cosine + lam * db_sq.clamp(min=0).sqrt()
+        den = self.eigenvalues + rho[:, None]
+        return self.value((self.kappa(rho)[:, None] / den, rho[:, None] / den, self.eigenvalues / den), lam)
 
-    def point(self, rho: float) -> Tensor:
-        """B'(rho), d_out x r."""
+    def value(self, weights: _Weights, lam: float) -> Tensor:
+        """The objective (1 - cos(dW, B' Ā)) + lam ||B' - B̄||_F at the B' of `weights` (each
+        (r,), or (n, r) for n points), from the column Grams only: O(r) a point."""
+        a, _, c = weights
+        db_sq = torch.sum(a**2 * self.gg - 2 * a * c * self.gb + c**2 * self.bb, dim=-1)
+        return 1 - self._cosine(weights) + lam * db_sq.clamp(min=0).sqrt()
+
+    def candidate_value(self, weights: _Weights, lam: float) -> Tensor:
+        """value() with ||dB|| from dB's columns, d_out x r: the Grams' form of ||dB||^2 is a
+        difference of large terms when dB is small next to G H^-1 (a least-squares B' close to
+        B̄), too coarse to tell such a B' from B̄."""
+        a, _, c = weights
+        return 1 - self._cosine(weights) + lam * torch.linalg.matrix_norm(a * self.g_rot - c * self.b_rot)
+
+    def _cosine(self, weights: _Weights) -> Tensor:
+        """cos(dW, B' Ā) at the B' of `weights`, 0 where B' Ā = 0."""
+        a, b, _ = weights
+        n = torch.sum(a * self.gg + b * self.gb, dim=-1)
+        q = torch.sum(self.eigenvalues * (a**2 * self.gg + 2 * a * b * self.gb + b**2 * self.bb), dim=-1)
+        safe_q = q.clamp(min=torch.finfo(_WORK_DTYPE).tiny)
+        return torch.where(q > 0, n / (self.dw_norm * safe_q.sqrt()), torch.zeros_like(n))
+
+    def form(self, weights: _Weights) -> Tensor:
+        """The B' of `weights`, d_out x r."""
+        a, b, _ = weights
+        return (a * self.g_rot + b * self.b_rot) @ self.eigenvectors.T
+
+    def b_bar(self) -> _Weights:
+        """B̄ itself (dB = 0)."""
+        zero = torch.zeros_like(self.eigenvalues)
+        return zero, torch.ones_like(zero), zero
+
+    def point(self, rho: float) -> _Weights:
+        """B'(rho)."""
         rho_t = torch.tensor([rho], dtype=_WORK_DTYPE, device=self.g_rot.device)
-        kappa = self.kappa(rho_t)
-        return ((kappa * self.g_rot + rho * self.b_rot) / (self.eigenvalues + rho)) @ self.eigenvectors.T
+        den = self.eigenvalues + rho
+        return self.kappa(rho_t) / den, rho / den, self.eigenvalues / den
 
     @property
     def reached(self) -> Tensor:
@@ -300,26 +344,29 @@ class _RidgePath:
         lam_h = self.eigenvalues
         return lam_h > lam_h.shape[0] * torch.finfo(_WORK_DTYPE).eps * lam_h[-1]
 
-    def ridge(self, lam: float) -> Tensor:
+    def ridge(self, lam: float) -> _Weights:
         """(G + lam B̄)(H + lam I)^{-1}; for lam = 0, its limit G H^+ + B̄ (I - H H^+)."""
         if lam > 0:
-            rotated = (self.g_rot + lam * self.b_rot) / (self.eigenvalues + lam)
-        else:
-            # Directions Ā does not reach keep B̄: the least-squares solution closest to B̄.
-            reached = self.reached
-            rotated = torch.where(reached, self.g_rot / torch.where(reached, self.eigenvalues, 1.0), self.b_rot)
-        return rotated @ self.eigenvectors.T
+            den = self.eigenvalues + lam
+            return 1 / den, lam / den, self.eigenvalues / den
+        # Directions Ā does not reach keep B̄: the least-squares solution closest to B̄.
+        return self._on_reached(1.0)
 
     def least_squares_scale(self) -> float:
         """s = <B_ls, B̄> / ||B_ls||^2 with B_ls = G H^+: the multiple of B_ls closest to B̄."""
         lam_h = torch.where(self.reached, self.eigenvalues, math.inf)
         return float(torch.sum(self.gb / lam_h) / torch.sum(self.gg / lam_h**2))
 
-    def low_rho_end(self) -> Tensor:
+    def low_rho_end(self) -> _Weights:
         """lim B'(rho) as rho -> 0: s B_ls + B̄ (I - H H^+), zero on Ā's row space when s <= 0."""
-        reached, scale = self.reached, max(self.least_squares_scale(), 0.0)
-        rotated = torch.where(reached, scale * self.g_rot / torch.where(reached, self.eigenvalues, 1.0), self.b_rot)
-        return rotated @ self.eigenvectors.T
+        return self._on_reached(max(self.least_squares_scale(), 0.0))
+
+    def _on_reached(self, scale: float) -> _Weights:
+        """scale G H^+ on the directions Ā reaches, B̄ on the others."""
+        reached = self.reached
+        a = torch.where(reached, scale / torch.where(reached, self.eigenvalues, 1.0), 0.0)
+        b = (~reached).to(_WORK_DTYPE)
+        return a, b, 1 - b
 
 
 def _search_path(path: _RidgePath, lam: float, refinements: int) -> float | None:
