@@ -6,7 +6,7 @@ float64 (strategies/fedsvd.py) are exact to ~1e-15 but cost several times what t
 matrices B^T B and A A^T cost, and a 7B-shaped round has 224 such pairs. For float32 factors,
 whose own rounding is 6e-8, this module works from the Gram matrices instead:
 
-- the Grams in float64 (one symmetric product a side, on a float64 copy). Not in float32: a Gram
+- the Grams in float64 (BLAS syrk on blocks widened to float64: gram()). Not in float32: a Gram
   resolves singular values down to ~sqrt(eps) of the largest, 2.4e-4 in float32, and stacks of
   nearly parallel factors (every client starts from the same broadcast) have smaller ones that
   still carry up to ~1e-4 of the product; in float64 they are resolved down to ~1e-8. A
@@ -19,7 +19,8 @@ whose own rounding is 6e-8, this module works from the Gram matrices instead:
 
 B A = U S V^T then holds to ~1e-7 of ||B|| ||A|| whatever the conditioning, with components
 below the Grams' resolution dropped (tests/test_gram_svd.py measures it against float64 dense
-references, nearly parallel clients included); U and V are orthonormal to about that precision.
+references, nearly parallel clients included: ~3e-7 everywhere); U and V are orthonormal to
+about 1e-6 over the components the product has.
 """
 
 from __future__ import annotations

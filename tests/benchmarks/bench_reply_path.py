@@ -11,6 +11,7 @@ alternate, and each figure is the best of --repeats, so that a busy moment on a 
 hits both alike. Threads: the ServerApp's (federation.server_cpus, 1 by default) unless --threads.
 
     python -m tests.benchmarks.bench_reply_path [--layers 32] [--clients 10] [--repeats 3] [--threads N]
+                                                [--strategies flora,flexlora,fedex_lora,lora_fair,fedsvd]
 """
 
 from __future__ import annotations
@@ -75,15 +76,18 @@ def measure(cls: type[LoraStrategy], layers: int, clients: int, repeats: int) ->
     return {"seconds": min(ours), "flower_seconds": min(flower), "ratio": min(ours) / min(flower), "sent": strategy.uploads}
 
 
-def main(layers: int = 32, clients: int = 10, repeats: int = 3, threads: int | None = None) -> dict[str, dict[str, float]]:
-    """Print and return, per strategy: aggregate_train seconds, Flower's, and their ratio."""
+def main(
+    layers: int = 32, clients: int = 10, repeats: int = 3, threads: int | None = None, strategies: list[str] | None = None
+) -> dict[str, dict[str, float]]:
+    """Print and return, per strategy (every registered one by default): aggregate_train seconds, Flower's, and their ratio."""
     threads = use_threads(FederationConfig().server_cpus if threads is None else threads)
     print(
         f"reply path, Llama-7B-shaped adapters: {layers} layers x 7 projections, r={RANK}, {clients} replies,"
         f" {threads} thread(s), best of {repeats}: aggregate_train / Flower's FedAvg aggregate_arrayrecords"
     )
     figures = {}
-    for name, cls in STRATEGIES.items():
+    for name in strategies or STRATEGIES:
+        cls = STRATEGIES[name]
         with task_identity():
             row = figures[name] = measure(cls, layers, clients, repeats)
         print(
@@ -100,5 +104,10 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: federation.server_cpus)")
+    parser.add_argument("--strategies", default=None, help="comma-separated registered names (default: all)")
     args = parser.parse_args()
-    main(args.layers, args.clients, args.repeats, args.threads)
+    chosen = args.strategies.split(",") if args.strategies else None
+    unknown = sorted(set(chosen or []) - set(STRATEGIES))
+    if unknown:
+        parser.error(f"--strategies: unknown {', '.join(unknown)} (registered: {', '.join(STRATEGIES)})")
+    main(args.layers, args.clients, args.repeats, args.threads, chosen)
