@@ -53,10 +53,11 @@ DP-SGD; the server's aggregation is the private mechanism. Each round:
 
 sigma is calibrated once, before anything starts, from (epsilon, delta, rounds, q) with Opacus'
 accountant (`fedlora.privacy.calibrate_noise`: the same search, PRV or RDP), for every round of
-the run; a target it cannot meet is refused in one line. Under adaptive clipping sigma is the
-combined multiplier of the update's and the count's noise, and the accountant runs on it. The ledger charges one round per round
-the server runs (and the round a killed server left in flight), and the user-level epsilon is
-Opacus' for ((sigma, q, rounds so far)); a resumed run goes on from the checkpoint's ledger.
+the run; a target it cannot meet is refused in one line (under adaptive clipping sigma is the
+update's and the count's noise together, and the accountant runs on it). The ledger charges one
+round per round the server runs (and the round a killed server left in flight), and the user-level
+epsilon is Opacus' for ((sigma, q, rounds so far)); a resumed run goes on from the checkpoint's
+ledger (and clip).
 
 What the guarantee covers: the global adapter the server releases each round, and everything
 computed from it. The run directory's history is the trusted server's log: it names who was
