@@ -89,7 +89,9 @@ TASKS = ("classification", "causal_lm")
 MIXED_RANK_STRATEGIES = ("flexlora", "flora", "fedex_lora")
 UPLOAD_BUDGET_STRATEGY = "lora_a2"  # the one strategy strategy.upload_rank means something to
 # The user-level DP settings, which do nothing unless privacy.enabled and privacy.unit = "user".
-USER_LEVEL_KEYS = ("unit", "noise", "user_clip", "secret_noise")
+USER_LEVEL_KEYS = ("unit", "noise", "user_clip", "secret_noise", "adaptive_clip", "clip_quantile", "clip_lr", "clip_count_noise")
+# Adaptive clipping's own settings, which do nothing unless privacy.adaptive_clip.
+ADAPTIVE_CLIP_KEYS = ("clip_quantile", "clip_lr", "clip_count_noise")
 # The base models a task builds from a config alone, beside local folders and hub ids.
 CLASSIFICATION_MODELS = ("minilm", "tiny")
 CAUSAL_MODELS = ("tiny-llama", "tiny-gpt2")
@@ -492,7 +494,28 @@ class PrivacyConfig(_Section):
         "their experiment sets it",
     )
     user_clip: float = Field(
-        1.0, gt=0, description="user: the norm S every client's update (trained factors and head) is clipped to"
+        1.0,
+        gt=0,
+        description="user: the norm S every client's update (trained factors and head) is clipped to (adaptive_clip: "
+        "the first round's)",
+    )
+    adaptive_clip: bool = Field(
+        False,
+        description="user, central noise: the clip norm follows the clip_quantile of the clients' update norms, "
+        "estimated from a noised count of the updates under it (Andrew et al. 2021, geometric update); the count's "
+        "noise takes a share of the budget (fedlora/adaptive_clip.py)",
+    )
+    clip_quantile: float = Field(
+        0.5, gt=0, lt=1, description="adaptive_clip: the fraction of updates the clip norm aims to leave unclipped"
+    )
+    clip_lr: float = Field(
+        0.2, gt=0, le=10, description="adaptive_clip: the learning rate eta of the update C <- C exp(-eta (fraction - quantile))"
+    )
+    clip_count_noise: float | None = Field(
+        None,
+        gt=0,
+        description="adaptive_clip: the standard deviation of the noise on the count of unclipped updates (none: "
+        "clients_per_round / 20, the paper's); must exceed half the calibrated noise multiplier",
     )
     epsilon: float = Field(
         3.0, gt=0, description="the privacy budget over the whole run: each client's (example), or the server's release (user)"
@@ -737,6 +760,7 @@ class ExperimentConfig(_Section):
                     "privacy.unit = 'user'; set both, or remove the key"
                 )
             return
+        self._fits_adaptive_clip()
         if self.federation.min_replies != 1:
             # Skipping a round because few replied depends on who was sampled, which the accountant does not cover.
             raise ValueError(
@@ -749,6 +773,24 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"strategy.robust: {self.strategy.robust!r} screens clients by comparing their updates, which breaks "
                 "user-level DP's sensitivity bound (one client's clipped update); set strategy.robust = 'none'"
+            )
+
+    def _fits_adaptive_clip(self) -> None:
+        """Adaptive clipping's settings only with it on; and only with central noise, where the server sees each update."""
+        privacy = self.privacy
+        if not privacy.adaptive_clip:
+            idle = [key for key in ADAPTIVE_CLIP_KEYS if getattr(privacy, key) != PrivacyConfig.model_fields[key].default]
+            if idle:
+                raise ValueError(
+                    f"privacy.{idle[0]}: an adaptive clipping setting, which does nothing unless privacy.adaptive_clip = "
+                    "true; set it, or remove the key"
+                )
+        elif privacy.noise != "central":
+            # Under distributed noise the updates arrive noised: the server cannot tell which were under the
+            # clip, and a client's own bit would be a claim it cannot check (fedlora/adaptive_clip.py).
+            raise ValueError(
+                "privacy.adaptive_clip: needs privacy.noise = 'central' (under distributed noise the server cannot see "
+                "which updates its clip norm leaves unclipped); set noise = 'central' or adaptive_clip = false"
             )
 
     def to_json(self) -> str:

@@ -53,8 +53,9 @@ class RoundRecord:
     round on (a spent privacy budget, or a refusal in the round before) and why.
     Under user-level DP (privacy.unit = "user") `epsilon_max` and `epsilon_mean` are both the
     server's user-level epsilon after the round, and `extra["user_dp"]` the round's mechanism
-    figures (sampled, summed, clipped, clip_bound, noise_std, server_noise_std, denominator, and
-    noise_shares under distributed noise; fedlora/user_privacy.py).
+    figures (sampled, summed, clipped, user_clip, clip_bound, noise_std, server_noise_std, denominator,
+    noise_shares under distributed noise, unclipped_fraction and next_clip under adaptive clipping;
+    fedlora/user_privacy.py).
     `extra["client_eval"]`, in the rounds clients evaluated (evaluation.clients, fedlora/client_eval.py):
     {client id: {accuracy, loss, examples}} of the global model on each client's held-out share,
     with `client_eval_refused` (who was refused and why) and `client_eval_bytes_down`.

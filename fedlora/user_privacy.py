@@ -45,12 +45,19 @@ DP-SGD; the server's aggregation is the private mechanism. Each round:
    (FedIT, FFA-LoRA, RoLoRA, LoRA-A2, FedSA-LoRA's A: it is the new factor; FedSVD refactorizes
    the noised B), which is post-processing at no privacy cost. Strategies whose aggregation is not
    such a mean, or that do not declare their own `user_level_dp` (strategies/base.py), are refused.
+6. Adaptive clipping (`privacy.adaptive_clip`, central noise only; fedlora/adaptive_clip.py): the
+   server counts the accepted updates its clip S = C_t left unclipped, noises the count and moves
+   C_{t+1} towards the `clip_quantile` of the update norms (Andrew et al. 2021). The noise on the
+   sum is then z_Delta C_t, with z_Delta the share of the calibrated sigma the count leaves; C_t is
+   part of the server's state (checkpointed) and every round's figures (`user_clip`).
 
 sigma is calibrated once, before anything starts, from (epsilon, delta, rounds, q) with Opacus'
 accountant (`fedlora.privacy.calibrate_noise`: the same search, PRV or RDP), for every round of
-the run; a target it cannot meet is refused in one line. The ledger charges one round per round
-the server runs (and the round a killed server left in flight), and the user-level epsilon is
-Opacus' for ((sigma, q, rounds so far)); a resumed run goes on from the checkpoint's ledger.
+the run; a target it cannot meet is refused in one line (under adaptive clipping sigma is the
+update's and the count's noise together, and the accountant runs on it). The ledger charges one
+round per round the server runs (and the round a killed server left in flight), and the user-level
+epsilon is Opacus' for ((sigma, q, rounds so far)); a resumed run goes on from the checkpoint's
+ledger (and clip).
 
 What the guarantee covers: the global adapter the server releases each round, and everything
 computed from it. The run directory's history is the trusted server's log: it names who was
@@ -78,9 +85,11 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord
 
+from fedlora.adaptive_clip import AdaptiveClip, centred_count
 from fedlora.config import ExperimentConfig
 from fedlora.lora import LoraState
 from fedlora.privacy import BUDGET_SLACK, PrivacyBudgetError, calibrate_noise, epsilon_of
+from fedlora.seeds import derive_seed
 
 # A distributed-noise client's instruction (train config entries).
 CLIP_KEY = "udp-clip"
@@ -185,6 +194,7 @@ class UserLevelSettings:
     clients_per_round: int
     population: int  # N: the clients that can be sampled
     secret: bool = False  # privacy.secret_noise: randomness from the OS's entropy, not the run's seed
+    adaptive: AdaptiveClip | None = None  # privacy.adaptive_clip: clip is then the first round's
 
     @classmethod
     def from_config(cls, config: ExperimentConfig, population: int) -> UserLevelSettings:
@@ -200,6 +210,7 @@ class UserLevelSettings:
             federation.clients_per_round,
             population,
             privacy.secret_noise,
+            AdaptiveClip.from_config(config),
         )
 
     @property
@@ -228,18 +239,29 @@ class UserLevelSettings:
             )
 
     def calibrate(self) -> float:
-        """sigma that spends just under epsilon over every round at q (PrivacyBudgetError, one line, if none can)."""
+        """sigma that spends just under epsilon over every round at q (PrivacyBudgetError, one line, if none can,
+        or if adaptive clipping's count noise leaves the update no share of it)."""
         self.check_population()
-        return calibrate_noise(self.accountant, self.epsilon, self.delta, self.sample_rate, self.rounds, USER_LEVEL_REMEDY)
+        sigma = calibrate_noise(self.accountant, self.epsilon, self.delta, self.sample_rate, self.rounds, USER_LEVEL_REMEDY)
+        self.update_noise_multiplier(sigma)
+        return sigma
+
+    def update_noise_multiplier(self, sigma: float) -> float:
+        """The multiplier of the noise on the update sum: sigma, or under adaptive clipping its share z_Delta."""
+        return sigma if self.adaptive is None else self.adaptive.update_noise_multiplier(sigma)
 
 
 class UserLevelPrivacy:
-    """The server's user-level mechanism (sampling, clipping, noise, estimator) and its ledger."""
+    """The server's user-level mechanism (sampling, clipping, noise, estimator, adaptive clip) and its ledger."""
 
-    def __init__(self, settings: UserLevelSettings, noise_multiplier: float, rounds_charged: int = 0) -> None:
+    def __init__(
+        self, settings: UserLevelSettings, noise_multiplier: float, rounds_charged: int = 0, clip: float | None = None
+    ) -> None:
         self.settings = settings
-        self.noise_multiplier = noise_multiplier
+        self.noise_multiplier = noise_multiplier  # what the accountant charges (adaptive: the update's and count's together)
+        self.update_noise_multiplier = settings.update_noise_multiplier(noise_multiplier)
         self.rounds_charged = rounds_charged
+        self.clip = settings.clip if clip is None else clip  # S this round (adaptive: C_t)
 
     @classmethod
     def for_run(cls, config: ExperimentConfig, population: int) -> UserLevelPrivacy:
@@ -249,8 +271,8 @@ class UserLevelPrivacy:
 
     @property
     def noise_std(self) -> float:
-        """sigma S: the standard deviation of the noise on the sum, per coordinate."""
-        return self.noise_multiplier * self.settings.clip
+        """sigma S: the standard deviation of the noise on the sum, per coordinate (adaptive: z_Delta C_t)."""
+        return self.update_noise_multiplier * self.clip
 
     # --- each round ---------------------------------------------------------------------
     def sample(self, clients: list[int], seed: int, server_round: int) -> list[int]:
@@ -261,7 +283,7 @@ class UserLevelPrivacy:
         """Train config entries for the round's clients: their clip and noise share (distributed), else none."""
         if self.settings.noise != "distributed" or sampled == 0:
             return {}
-        return {CLIP_KEY: self.settings.clip, SHARE_STD_KEY: self.share_std(sampled), SECRET_KEY: self.settings.secret}
+        return {CLIP_KEY: self.clip, SHARE_STD_KEY: self.share_std(sampled), SECRET_KEY: self.settings.secret}
 
     def share_std(self, sampled: int) -> float:
         """Each of the round's m clients' noise share's std under distributed noise: sigma S / sqrt(m)."""
@@ -270,14 +292,14 @@ class UserLevelPrivacy:
     def server_clip(self, sampled: int, size: int) -> float:
         """The norm the server clips every reply to: S, or under distributed noise the bound an honest noised reply keeps."""
         if self.settings.noise == "central":
-            return self.settings.clip
-        return honest_share_bound(self.settings.clip, self.share_std(sampled), size)
+            return self.clip
+        return honest_share_bound(self.clip, self.share_std(sampled), size)
 
     def share_floor(self, sampled: int, size: int) -> float:
         """The norm below which a reply has withheld its noise share (distributed noise; else none)."""
         if self.settings.noise == "central" or sampled == 0:
             return -math.inf
-        return honest_share_floor(self.settings.clip, self.share_std(sampled), size)
+        return honest_share_floor(self.clip, self.share_std(sampled), size)
 
     def privatize(self, changes: list[torch.Tensor], sampled: int, size: int, seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """The private mean change: (sum of the clipped changes + the server's noise) / (q N), and the round's figures.
@@ -287,14 +309,13 @@ class UserLevelPrivacy:
         arrive or were withheld (distributed: `noise_withheld`, the positions in `changes` of replies
         too short to carry theirs).
         """
-        bound = self.server_clip(sampled, size) if changes else self.settings.clip
+        bound = self.server_clip(sampled, size) if changes else self.clip
         floor = self.share_floor(sampled, size)
         total = torch.zeros(size, dtype=torch.float64)
-        clipped, withheld = 0, []
+        norms, withheld = [], []
         for position, change in enumerate(changes):
-            norm = float(torch.linalg.vector_norm(change))
-            clipped += norm > bound
-            if norm < floor:
+            norms.append(float(torch.linalg.vector_norm(change)))
+            if norms[-1] < floor:
                 withheld.append(position)
             total += clip_to_norm(change, bound)
         shares = len(changes) - len(withheld) if self.settings.noise == "distributed" else 0
@@ -305,7 +326,8 @@ class UserLevelPrivacy:
         figures = {
             "sampled": sampled,
             "summed": len(changes),
-            "clipped": clipped,
+            "clipped": sum(norm > bound for norm in norms),
+            "user_clip": self.clip,
             "clip_bound": bound,
             "noise_std": self.noise_std,
             "server_noise_std": server_std,
@@ -314,7 +336,19 @@ class UserLevelPrivacy:
         if self.settings.noise == "distributed":
             figures["noise_shares"] = shares
             figures["noise_withheld"] = withheld
+        if self.settings.adaptive is not None:
+            figures.update(self.adapt_clip(norms, seed))
         return total / self.settings.expected_clients, figures
+
+    def adapt_clip(self, norms: list[float], seed: int) -> dict[str, float]:
+        """Move the clip towards the target quantile of `norms` (the accepted updates' norms, as the server
+        measured them) from their noised centred count; the released fraction and the next clip."""
+        adaptive = self.settings.adaptive
+        count_seed = None if self.settings.secret else derive_seed(seed, "adaptive-clip-count")
+        noise = float(gaussian(1, adaptive.count_noise, count_seed))
+        fraction = adaptive.unclipped_fraction(centred_count(norms, self.clip), noise, self.settings.expected_clients)
+        self.clip = adaptive.next_clip(self.clip, fraction)
+        return {"unclipped_fraction": fraction, "next_clip": self.clip}
 
     def charge(self) -> None:
         """Count one more round of the mechanism."""
@@ -355,25 +389,41 @@ class UserLevelPrivacy:
             "accountant": settings.accountant,
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": settings.sample_rate,
-            "clip": settings.clip,
+            "clip": self.clip,
+            "adaptive_clip": self.adaptive_summary(),
             "rounds": self.rounds_charged,
             "epsilon": self.epsilon(),
             "epsilon_target": settings.epsilon,
             "delta": settings.delta,
         }
 
+    def adaptive_summary(self) -> dict[str, float] | None:
+        """The adaptive clip's parameters, first clip and the update's share of the noise; None for a fixed clip."""
+        adaptive = self.settings.adaptive
+        if adaptive is None:
+            return None
+        return {
+            "quantile": adaptive.quantile,
+            "lr": adaptive.lr,
+            "count_noise": adaptive.count_noise,
+            "initial_clip": self.settings.clip,
+            "update_noise_multiplier": self.update_noise_multiplier,
+        }
+
     # --- checkpoint ---------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        """What a checkpoint keeps: the calibrated noise, the population and the rounds charged."""
+        """What a checkpoint keeps: the calibrated noise, the population, the rounds charged and the clip."""
         return {
             "unit": "user",
             "noise_multiplier": self.noise_multiplier,
             "population": self.settings.population,
             "rounds_charged": self.rounds_charged,
+            "clip": self.clip,
         }
 
     @classmethod
     def from_state(cls, config: ExperimentConfig, state: dict[str, Any]) -> UserLevelPrivacy:
         """The mechanism and ledger as a checkpoint kept them (no recalibration: the plan is part of the run)."""
         settings = UserLevelSettings.from_config(config, int(state["population"]))
-        return cls(settings, float(state["noise_multiplier"]), int(state["rounds_charged"]))
+        clip = state.get("clip", settings.clip)  # a checkpoint from before adaptive clipping: the fixed clip
+        return cls(settings, float(state["noise_multiplier"]), int(state["rounds_charged"]), float(clip))
