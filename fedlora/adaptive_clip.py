@@ -7,17 +7,25 @@ the round's accepted updates u_k clipped to C_t (fedlora/user_privacy.py):
 
 1. The server computes each accepted update's bit b_k = 1[||u_k|| <= C_t] from the update itself:
    nothing a client says about its norm is used. A sampled client whose reply is missing or
-   refused contributes no bit (0 to the centred count below, the same as no vote).
+   refused adds 0 to the centred count below, which is what a bit of 1/2 would add: with a share r
+   of the sampled clients replying, b~ tends to r f + (1 - r) / 2 for an unclipped fraction f, so
+   the clip settles where f = (gamma - (1 - r) / 2) / r: unbiased for gamma = 1/2, otherwise pulled
+   towards the median (and for gamma above (1 + r) / 2 out of reach: the clip then grows until the
+   bound of step 4). The round's `sampled` and `accepted` figures give r.
 2. The count is centred and noised: sum_k (b_k - 1/2) + N(0, sigma_b^2). Centring makes one user's
    contribution 1/2 in absolute value, so under add/remove adjacency (the accountant's, with Poisson
    sampling) the count's sensitivity is 1/2 and its noise multiplier 2 sigma_b; an uncentred count
    would have sensitivity 1 and multiplier sigma_b.
 3. The fraction unclipped is estimated with the fixed denominator q N, as the update's mean is:
    b~ = centred noised count / (q N) + 1/2, clamped to [0, 1] (post-processing: it bounds a round's
-   change of C to a factor exp(eta)).
+   change of C to a factor exp(eta)). The round size m is random (Poisson sampling), which adds
+   variance (1 - q) / (4 q N) to b~ besides the count's noise: at q N = 3 and q = 1/2, a standard
+   deviation of 0.2.
 4. C_{t+1} = C_t exp(-eta (b~ - gamma)), for the target quantile gamma (`clip_quantile`) and the
    learning rate eta (`clip_lr`): too many updates unclipped (b~ > gamma) shrinks C, too few grows it.
-   The paper's defaults: gamma = 0.5, eta = 0.2, sigma_b = q N / 20 (`clip_count_noise`).
+   The paper's defaults: gamma = 0.5, eta = 0.2, sigma_b = q N / 20 (`clip_count_noise`). C stays
+   within C_0 / CLIP_RANGE and C_0 CLIP_RANGE (ours, post-processing): without a bound a clip that
+   shrinks to 0 stays there (0 exp(x) = 0) and one that overflows makes the noise infinite.
 
 Privacy. A round releases two Gaussian mechanisms on the same sampled users: the update sum with
 noise multiplier z_Delta (std z_Delta C_t, sensitivity C_t) and the count with multiplier 2 sigma_b.
@@ -49,6 +57,8 @@ from fedlora.privacy import PrivacyBudgetError
 
 # The paper's default count noise: sigma_b = expected round size / COUNT_NOISE_DIVISOR.
 COUNT_NOISE_DIVISOR = 20.0
+# How far the clip may move from C_0 either way (a factor): far beyond any update norm's range.
+CLIP_RANGE = 1e6
 
 
 def combined_noise_multiplier(update_multiplier: float, count_noise: float) -> float:
@@ -92,9 +102,10 @@ class AdaptiveClip:
         """b~: the noised centred count over q N, shifted back by 1/2, within [0, 1]."""
         return min(1.0, max(0.0, (centred_count + count_noise) / expected_clients + 0.5))
 
-    def next_clip(self, clip: float, unclipped_fraction: float) -> float:
-        """C_{t+1} = C_t exp(-eta (b~ - gamma))."""
-        return clip * math.exp(-self.lr * (unclipped_fraction - self.quantile))
+    def next_clip(self, clip: float, unclipped_fraction: float, initial: float) -> float:
+        """C_{t+1} = C_t exp(-eta (b~ - gamma)), kept within a factor CLIP_RANGE of C_0 = `initial`."""
+        moved = clip * math.exp(-self.lr * (unclipped_fraction - self.quantile))
+        return min(initial * CLIP_RANGE, max(initial / CLIP_RANGE, moved))
 
 
 def centred_count(norms: list[float], clip: float) -> float:

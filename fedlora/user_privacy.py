@@ -347,7 +347,7 @@ class UserLevelPrivacy:
         count_seed = None if self.settings.secret else derive_seed(seed, "adaptive-clip-count")
         noise = float(gaussian(1, adaptive.count_noise, count_seed))
         fraction = adaptive.unclipped_fraction(centred_count(norms, self.clip), noise, self.settings.expected_clients)
-        self.clip = adaptive.next_clip(self.clip, fraction)
+        self.clip = adaptive.next_clip(self.clip, fraction, self.settings.clip)
         return {"unclipped_fraction": fraction, "next_clip": self.clip}
 
     def charge(self) -> None:
@@ -389,7 +389,7 @@ class UserLevelPrivacy:
             "accountant": settings.accountant,
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": settings.sample_rate,
-            "clip": self.clip,
+            "clip": self.clip,  # adaptive: the clip the next round would use, C_{T+1}
             "adaptive_clip": self.adaptive_summary(),
             "rounds": self.rounds_charged,
             "epsilon": self.epsilon(),

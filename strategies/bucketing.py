@@ -77,6 +77,8 @@ class BucketingDefence(Defence):
         buckets = bucket_assignment(updates.shape[0], self.bucket_size, seed)
         means = bucket_means(updates, buckets)
         inner = self.inner.screen(means, torch.full((len(buckets),), 1 / len(buckets), dtype=torch.float64), seed)
-        aggregate = inner.aggregate if inner.aggregate is not None else means[inner.kept].mean(dim=0)
         stats = {"buckets": len(buckets), "buckets_kept": len(inner.kept), **{f"inner_{k}": v for k, v in inner.stats.items()}}
+        if inner.aggregate is None and not inner.kept:  # the inner rule kept no bucket: no update this round
+            return Screening(kept=[], stats=stats)
+        aggregate = inner.aggregate if inner.aggregate is not None else means[inner.kept].mean(dim=0)
         return Screening(kept=list(range(updates.shape[0])), aggregate=aggregate.to(updates.dtype), stats=stats)

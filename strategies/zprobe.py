@@ -34,9 +34,12 @@ One round over the n valid replies (clients 0..n-1)
    stops as soon as exactly target pass, so with distinct updates exactly target clients are
    accepted and n - target rejected, attackers or not (with fewer attackers than phi_max n,
    honest clients fill the rest). Where no eta lets exactly target pass (clients sending one
-   vector share one level and pass or fail together), fewer than target pass, never more: the
-   "at most" of the paper. (Until 2026-12-08 this took the smallest eta at which at least
-   target passed, which let a coordinated group through whole; see Limits.)
+   vector share one level and pass or fail together), fewer than target pass: the "at most" of
+   the paper. One exception, where no eta can do better: when more than target pass at every
+   eta tried (a tie group larger than target at the centre, e.g. identical or unchanged
+   updates), the clients passing at the smallest eta are kept. (Before commit acd12aa this took
+   the smallest eta at which at least target passed, which let a coordinated group through
+   whole; see Limits.)
 5. The failing clients are dropped; the inner strategy aggregates the others.
 
 Setting eta: the search (ours, with as few statements as it takes)
@@ -358,7 +361,7 @@ class ZProbeDefence(Defence):
     Parameters
     ----------
     phi_max : float
-        Upper bound on the attacker fraction; eta is set so that ceil((1 - phi_max) n) pass.
+        Upper bound on the attacker fraction; eta is set so that at most ceil((1 - phi_max) n) pass.
     clusters : int
         c, the clusters of the round's secure aggregation (default 7, the paper's); a round
         needs at least 2 c replies (`min_clients`).

@@ -390,7 +390,7 @@ _SEARCH_OCTAVES = (-8.0, 24.0)
 def _screen(
     clients: list[int], prove: Prover, coords: Tensor, bounds: Bounds, params: RefinedParams, max_exceed: int
 ) -> tuple[list[int], float, list[int]]:
-    """The paper's phi_max rule: the ceil((1 - phi_max) n) clients that pass at the smallest multipliers.
+    """A phi_max rule: the ceil((1 - phi_max) n) clients that pass at the smallest multipliers (ties by index; zprobe's "at most" differs).
 
     Passing is monotone in the multiplier, so a bisection per client (on a log scale, one
     statement per client and step) finds the smallest multiplier each passes at: its level.

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from fedlora.adaptive_clip import AdaptiveClip, centred_count, combined_noise_multiplier
+from fedlora.adaptive_clip import CLIP_RANGE, AdaptiveClip, centred_count, combined_noise_multiplier
 from fedlora.config import ConfigError
 from fedlora.privacy import PrivacyBudgetError
 from fedlora.simulation import check_runnable
@@ -29,9 +29,15 @@ QUIET = 1e-9  # a noise so small the mechanism is deterministic to the tests' pr
 
 
 def adaptive_mechanism(
-    clients_per_round: int, population: int, *, quantile: float = 0.5, count_noise: float = QUIET, clip: float = 1.0
+    clients_per_round: int,
+    population: int,
+    *,
+    quantile: float = 0.5,
+    count_noise: float = QUIET,
+    clip: float = 1.0,
+    lr: float = 0.2,
 ) -> UserLevelPrivacy:
-    adaptive = AdaptiveClip(quantile, lr=0.2, count_noise=count_noise)
+    adaptive = AdaptiveClip(quantile, lr=lr, count_noise=count_noise)
     settings = UserLevelSettings(3.0, 1e-5, clip, "central", "prv", 10, clients_per_round, population, False, adaptive)
     return UserLevelPrivacy(settings, noise_multiplier=QUIET)
 
@@ -134,6 +140,16 @@ def test_the_clip_moves_geometrically_against_the_noised_fraction() -> None:
     figures = privacy.adapt_clip([0.1, 0.2, 5.0], seed=0)
     assert figures["unclipped_fraction"] == pytest.approx(0.625)
     assert figures["next_clip"] == pytest.approx(math.exp(-0.2 * 0.125)) == privacy.clip
+
+
+def test_the_clip_stays_within_a_factor_clip_range_of_the_first() -> None:
+    """A clip driven down (every update unclipped) or up (every update clipped) round after round
+    stops at C_0 / CLIP_RANGE or C_0 CLIP_RANGE: without the bound it reaches 0 (and stays) or inf."""
+    for norm, bound in ((0.0, 1.0 / CLIP_RANGE), (1e300, CLIP_RANGE)):
+        privacy = adaptive_mechanism(clients_per_round=4, population=8, quantile=0.5, lr=10.0)
+        for server_round in range(400):
+            privacy.adapt_clip([norm] * 4, seed=server_round)
+        assert privacy.clip == pytest.approx(bound) and math.isfinite(privacy.clip) and privacy.clip > 0
 
 
 # --- convergence ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from strategies.centered_clipping import CenteredClippingDefence, centered_clipp
 from strategies.krum import KrumDefence
 from strategies.median import MedianDefence
 from strategies.rfa import RFADefence, geometric_median, weiszfeld_objective
-from strategies.robust import Screening
+from strategies.robust import Defence, Screening
 from tests.synthetic_updates import attacked_round
 
 SIZES = {"n": st.integers(2, 9), "dim": st.integers(1, 6), "seed": st.integers(0, 10_000)}
@@ -148,6 +148,23 @@ def test_bucketing_applies_its_rule_to_the_bucket_means(n: int, dim: int, seed: 
         krum = BucketingDefence(KrumDefence(bucket_phi(0.2, size)), size, 0.2).screen(x, weights, seed)
         chosen = KrumDefence(bucket_phi(0.2, size)).screen(torch.from_numpy(means), None, seed).kept
         np.testing.assert_allclose(krum.aggregate.numpy(), means[chosen].mean(axis=0), rtol=1e-9)
+
+
+def test_bucketing_keeps_no_client_when_its_rule_keeps_no_bucket() -> None:
+    """zprobe's "at most (1 - phi_max) n" can keep no bucket (a tie group larger than the target at
+    the lowest level above zero): the round then has no update, not the NaN mean of no buckets."""
+
+    class KeepsNone(Defence):
+        name = "keeps_none"
+        description = "keeps no update"
+
+        def screen(self, updates: torch.Tensor, weights: torch.Tensor, seed: int) -> Screening:
+            return Screening(kept=[], stats={"kept": 0})
+
+    defence = BucketingDefence(KeepsNone(bucket_phi(0.1, 2)), 2, 0.1)
+    screening = defence.screen(torch.ones(6, 3, dtype=torch.float64), torch.full((6,), 1 / 6, dtype=torch.float64), 0)
+    assert screening.kept == [] and screening.aggregate is None
+    assert (screening.stats["buckets_kept"], screening.stats["inner_kept"]) == (0, 0)
 
 
 ATTACKS = {

@@ -222,7 +222,7 @@ def test_sign_flippers_are_mostly_caught(fraction: float, groups: int) -> None:
 
 
 def test_without_attackers_the_phi_max_quota_of_honest_clients_is_rejected() -> None:
-    # The paper's rule sets eta so that about (1 - phi_max) n pass, attackers or not.
+    # The paper's rule sets eta so that at most (1 - phi_max) n pass, attackers or not; distinct updates: exactly.
     for seed in range(3):
         result = simulate_round(list(honest_updates(50, DIM, seed)), ZProbeParams(phi_max=0.2), seed)
         assert (len(result.accepted), len(result.rejected)) == (40, 10)
