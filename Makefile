@@ -17,11 +17,13 @@ demo: $(STAMP)
 	$(BIN)/fedlora simulate simulations/quickstart.toml
 
 # Two workers, a test file each at a time: the end-to-end tests spend much of their time waiting
-# on Ray and Flower processes, which the other worker's tests fill. TEST_WORKERS=0 runs in one process.
+# on Ray and Flower processes, which the other worker's tests fill. They take the files in the
+# order tests/conftest.py sets (--no-loadscope-reorder): the slow end-to-end ones first, the many
+# short ones last, to even out the workers' finishing times. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
 test: lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -132,6 +132,31 @@ def own_ray(shared_ray: SharedRay) -> None:
     shared_ray.stop()
 
 
+def _module_weight(items: list[pytest.Item]) -> int:
+    """Where a test module goes in the run: 0 deployments (the longest), 1 modules that stop the
+    shared Ray, 2 other end-to-end modules, 3 the rest (short unit tests)."""
+    if any(item.get_closest_marker("deploy") for item in items):
+        return 0
+    if any("own_ray" in getattr(item, "fixturenames", ()) for item in items):
+        return 1
+    if any(item.get_closest_marker("e2e") for item in items):
+        return 2
+    return 3
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow modules first, then the many short ones: `make test`'s workers take modules in this
+    order (--dist loadfile --no-loadscope-reorder), so the short modules come last and even out
+    the workers' finishing times, where a long module last would leave one worker alone with it.
+    And the modules that stop the shared Ray all come before those that share it: each worker
+    starts the shared Ray (and its client actors, tens of CPU-seconds) once, not after each of them."""
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    ordered = sorted(modules.values(), key=_module_weight)  # stable: file order within a group
+    items[:] = [item for module in ordered for item in module]
+
+
 @pytest.fixture(scope="session")
 def datasets_cache(tmp_path_factory: pytest.TempPathFactory):
     """Tables `datasets` builds from test files go to a temporary cache, not the user's."""

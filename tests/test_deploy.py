@@ -1,9 +1,11 @@
 """Acceptance: the same apps on Flower's deployment engine, secured, on loopback.
 
-One SuperLink and three SuperNodes run as separate processes (started through `fedlora deploy`),
-with TLS and SuperNode authentication; `flwr run` submits the tiny experiment for two rounds.
-Node 0 trains on its own CSV (node config data-path, device), nodes 1 and 2 on their partitions of
-the built-in data. A fourth SuperNode, whose key was never registered, must be refused.
+One SuperLink and two SuperNodes run as separate processes (started through `fedlora deploy`),
+with TLS and SuperNode authentication; `flwr run` submits the tiny experiment, over two clients,
+for two rounds. Node 0 trains on its own CSV (node config data-path, device), node 1 on its
+partition of the built-in data. A third SuperNode, whose key was never registered, must be refused.
+(Two nodes, not more: Flower starts a ClientApp process, which imports torch, transformers and
+peft, for every message, and that is most of the test's time.)
 
 The end-to-end tests are slow (Flower starts a fresh ClientApp process for every message):
 select or skip them with `-m deploy` / `-m "not deploy"`. The other tests are fast: certificates,
@@ -35,7 +37,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from clients.app import build_client_app, handle_train
 from fedlora import workspace
 from fedlora.certificates import CertificateError, write_certificates, write_supernode_key, write_supernode_keys
-from fedlora.config import ConfigError
+from fedlora.config import ConfigError, config_from_dict
 from fedlora.deploy import (
     DeployError,
     flower_env,
@@ -49,7 +51,9 @@ from fedlora.results import read_history, read_summary
 from tests.conftest import TINY, run_cli, tiny_config
 
 APP_DIR = Path(__file__).resolve().parents[1]
-NUM_NODES = 3
+NUM_NODES = 2
+# The tiny experiment over the deployment's nodes, one client each.
+DEPLOYED = {**TINY, "federation": {**TINY["federation"], "num_clients": NUM_NODES, "clients_per_round": NUM_NODES}}
 RUN_TIMEOUT = 900.0  # seconds for one `fedlora deploy run` (about 100 on two idle cores; far more on busy ones)
 STARTUP_TIMEOUT = 150.0  # Flower processes importing torch on a shared, busy machine
 
@@ -167,8 +171,8 @@ class Deployment:
 
 
 def write_own_data(path: Path) -> int:
-    """Client 0's share of the tiny experiment as a CSV with class names as labels."""
-    config = tiny_config()
+    """Client 0's share of the deployed experiment as a CSV with class names as labels."""
+    config = config_from_dict(DEPLOYED)
     task = workspace.federated_task(config)
     share = task.partitions[0]
     with path.open("w", newline="") as handle:
@@ -180,11 +184,11 @@ def write_own_data(path: Path) -> int:
 
 
 def write_run_config(path: Path, run_dir: Path, name: str) -> Path:
-    """The run config `flwr run` takes: the tiny experiment as overrides of quickstart.toml."""
+    """The run config `flwr run` takes: the deployed experiment as overrides of quickstart.toml."""
     name_items = [f"output.name={json.dumps(name)}"]
     path.write_text(
         f"experiment = {json.dumps('simulations/quickstart.toml')}\n"
-        f"overrides = {json.dumps(';'.join(run_overrides(TINY) + name_items))}\n"
+        f"overrides = {json.dumps(';'.join(run_overrides(DEPLOYED) + name_items))}\n"
         f"run-dir = {json.dumps(str(run_dir))}\n"
     )
     return path
@@ -311,10 +315,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             check=False,
         )
         listing = json.loads(nodes.stdout[nodes.stdout.index("{") :])
-        # Node 2 comes back claiming node 1's client id: the ServerApp must refuse to start the
+        # Node 1 comes back claiming node 0's client id: the ServerApp must refuse to start the
         # federation, and the operator's command must say so with its exit status.
-        processes.stop("supernode-2")
-        supernode("supernode-2-colliding", keys[2].private, "home-node2-colliding", *partition(1))
+        processes.stop("supernode-1")
+        supernode("supernode-1-colliding", keys[1].private, "home-node1-colliding", *partition(0))
         colliding = deploy_run("colliding")
         deployment = Deployment(
             run_dir=root / "runs" / "deployed",
@@ -347,7 +351,7 @@ def test_a_secured_deployment_runs_two_rounds_and_writes_the_run_directory(deplo
     history = read_history(deployment.run_dir)
     assert [line["round"] for line in history] == [0, 1, 2]
     for line in history[1:]:
-        assert sorted(line["clients"]) == [0, 1, 2] and not line["rejected"]
+        assert sorted(line["clients"]) == list(range(NUM_NODES)) and not line["rejected"]
     summary = read_summary(deployment.run_dir)
     assert summary["status"] == "finished" and summary["num_clients"] == NUM_NODES
     adapter = deployment.run_dir / "adapter"

@@ -17,12 +17,12 @@ from fedlora.simulation import simulate
 from tests.conftest import one_line_refusal, tiny_config
 
 # 6 clients, 2 a round, 6 rounds: each is expected to join 2 rounds and is calibrated for that;
-# sampling at random, some are drawn more often and must then be retired, never overspend.
+# sampling at random, some are drawn more often and must then be retired, never overspend. (One
+# CPU a client, as the other Ray tests: the shared pool of client actors serves it as it is.)
 BUDGETED = (
     "federation.num_clients=6",
     "federation.clients_per_round=2",
     "federation.rounds=6",
-    "federation.client_cpus=0.5",
     "data.num_train=360",
     "privacy.enabled=true",
     "privacy.epsilon=3.0",

@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -67,21 +68,57 @@ def md_table(markdown: str, heading: str) -> list[dict[str, str]]:
     return [dict(zip(header, row)) for row in body]
 
 
-# --- a real tiny sweep: 2 strategies x 2 seeds, 2 rounds, 3 clients ----------------------------
+# --- a real tiny sweep: 2 strategies x 2 seeds, 2 rounds, 3 clients, killed and resumed ---------
 
 
-# The keyword arguments of every ray.init call the tiny sweep made (Flower's RayBackend calls it
-# when Ray is not running): a sweep's variants should share one Ray instance.
+# The keyword arguments of every ray.init call the resumed tiny sweep made (Flower's RayBackend
+# calls it when Ray is not running): a sweep's variants should share one Ray instance.
 TINY_SWEEP_RAY_INITS: list[dict[str, Any]] = []
 
 
+@dataclass
+class ResumedSweep:
+    """The tiny sweep as `fedlora compare` left it after a kill and a second run of the same command."""
+
+    out: Path
+    first: str  # the variant the killed process finished
+    second_finished_at_kill: bool
+    first_files_at_kill: dict[str, int]  # name: mtime (ns)
+    first_files_after: dict[str, int]
+    resumed_output: str
+
+
+def file_times(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()}
+
+
 @pytest.fixture(scope="module")
-def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def resumed_sweep(tmp_path_factory: pytest.TempPathFactory) -> ResumedSweep:
+    """One sweep for the module's end-to-end tests (each sweep starts Ray and its client actors,
+    tens of CPU-seconds): a first `fedlora compare`, in a process of its own, is killed with its Ray
+    once its first variant has finished; the same command, in this process, runs the other three."""
     import ray
 
     base = tmp_path_factory.mktemp("compare")
     config = write_sweep_config(base / "tiny_compare.toml", {"strategy.name": ["fedit", "ffa_lora"], "seed": [0, 1]})
     out = base / "out"
+    first, second = (variant.name for variant in load_sweep(config).variants[:2])
+    command = [sys.executable, "-m", "fedlora.cli", "compare", str(config), "--out", str(out)]
+    log = (base / "first.log").open("w")
+    # Its own session, so the kill reaches the Ray processes it started and nothing else.
+    killed = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    finished = out / first / "summary.json"
+    deadline = time.monotonic() + 400
+    while not finished.exists():
+        assert killed.poll() is None, (base / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the first run did not finish in time"
+        time.sleep(0.1)
+    time.sleep(0.3)  # let it finish writing summary.json
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    second_finished = (out / second / "summary.json").exists()
+    kept = file_times(out / first)
+
     real_init = ray.init
 
     def counted_init(*args, **kwargs):
@@ -90,10 +127,16 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ray, "init", counted_init)
-        code, output = run_cli("compare", str(config), "--out", str(out))
-    assert code == 0, output
+        code, output = run_cli("compare", str(config), "--out", str(out))  # in this process: no interpreter start-up
+    assert code == 0, output[-3000:]
     assert str(out / "report.html") in output
-    return out
+    return ResumedSweep(out, first, second_finished, kept, file_times(out / first), output)
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(resumed_sweep: ResumedSweep) -> Path:
+    """The finished sweep's folder."""
+    return resumed_sweep.out
 
 
 @pytest.mark.e2e
@@ -103,6 +146,7 @@ def test_a_sweep_starts_ray_once_and_each_run_records_what_it_records_alone(tiny
 
     from fedlora.simulation import simulate
 
+    # The three variants run in this process started one Ray (the killed process had its own).
     assert len(TINY_SWEEP_RAY_INITS) == 1 and TINY_SWEEP_RAY_INITS[0].get("include_dashboard") is False
     assert not ray.is_initialized() and RayBackend.terminate.__name__ == "terminate"  # all undone after the sweep
     last = load_sweep(tiny_sweep.parent / "tiny_compare.toml").variants[-1]
@@ -296,35 +340,19 @@ def test_report_html_renders_in_headless_chromium_with_plots_and_filled_tables(t
 
 
 @pytest.mark.e2e
-def test_a_killed_sweep_resumes_without_rerunning_its_finished_runs(tmp_path: Path) -> None:
-    config = write_sweep_config(tmp_path / "resume.toml", {"seed": [0, 1]}, rounds=1)
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "fedlora.cli", "compare", str(config), "--out", str(out)]
-    log = (tmp_path / "first.log").open("w")
-    # Its own session, so the kill reaches the Ray processes it started and nothing else.
-    first = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    finished = out / "seed-0" / "summary.json"
-    deadline = time.monotonic() + 400
-    while not finished.exists():
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "the first run did not finish in time"
-        time.sleep(0.1)
-    time.sleep(0.3)  # let it finish writing summary.json
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    assert not (out / "seed-1" / "summary.json").exists()
-    kept = {p.name: p.stat().st_mtime_ns for p in (out / "seed-0").iterdir() if p.is_file()}
-
-    code, again = run_cli("compare", str(config), "--out", str(out))  # in this process: no interpreter start-up
-    assert code == 0, again[-3000:]
-    assert "1 already finished" in again
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "seed-0").iterdir() if p.is_file()} == kept
-    rows = read_csv(out / "results.csv")
-    assert sorted(r["seed"] for r in rows) == ["0", "1"]
-    import json
-
-    index = json.loads((out / "sweep.json").read_text())
-    assert [r["status"] for r in index["runs"]] == ["finished", "finished"]
+def test_a_killed_sweep_resumes_without_rerunning_its_finished_runs(resumed_sweep: ResumedSweep) -> None:
+    assert not resumed_sweep.second_finished_at_kill
+    assert "1 already finished" in resumed_sweep.resumed_output
+    assert resumed_sweep.first_files_after == resumed_sweep.first_files_at_kill
+    rows = read_csv(resumed_sweep.out / "results.csv")
+    assert sorted((r["strategy.name"], r["seed"]) for r in rows) == [
+        ("fedit", "0"),
+        ("fedit", "1"),
+        ("ffa_lora", "0"),
+        ("ffa_lora", "1"),
+    ]
+    index = json.loads((resumed_sweep.out / "sweep.json").read_text())
+    assert [r["status"] for r in index["runs"]] == ["finished"] * 4
 
 
 # --- sweeps without the simulation engine -------------------------------------------------------

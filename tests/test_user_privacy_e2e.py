@@ -17,12 +17,12 @@ from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_ray")]
 
-# 6 clients, 3 expected a round by Poisson sampling (q = 0.5), 3 rounds, user-level epsilon 8.
+# 6 clients, 3 expected a round by Poisson sampling (q = 0.5), 3 rounds, user-level epsilon 8. (One
+# CPU a client, as the other Ray tests: the shared pool of client actors serves it as it is.)
 USER_LEVEL = (
     "federation.num_clients=6",
     "federation.clients_per_round=3",
     "federation.rounds=3",
-    "federation.client_cpus=0.5",
     "privacy.enabled=true",
     "privacy.unit='user'",
     "privacy.epsilon=8.0",
