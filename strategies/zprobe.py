@@ -49,9 +49,11 @@ trial values ("probes"). It starts from a Chebyshev bound: with one client's spr
 sqrt(n / c) * sigma^k, Chebyshev's inequality and a union bound over the q coordinates, an
 honest client of any finite-variance distribution fails at
 eta_start = sqrt(n / c) * sqrt(q / p), p = max(phi_max, 1 / (2 n)), with probability at most
-p. From there it halves eta while more than target pass, or doubles it while at most target
-do, until the target is bracketed between lo (at most target pass) and hi (more pass), then
-bisects on a log scale, eta = sqrt(lo * hi). It stops at the first probe where exactly target
+p. From there it divides eta while more than target pass, or multiplies it while at most
+target do, by a factor that doubles at each step (2, 4, 8, ...: one outlying update inflates the
+spread, which can put every honest level orders of magnitude below the start, and halving would
+spend the probe budget before reaching them), until the target is bracketed between lo (at most
+target pass) and hi (more pass), then bisects on a log scale, eta = sqrt(lo * hi). It stops at the first probe where exactly target
 pass, when hi <= lo * (1 + eta_rtol), or after max_probes probes; eta is then the last probe
 at which at most target passed (lo), and those are the accepted clients (without any such
 probe, fail closed: the clients passing at the smallest eta tried). At each probe only clients whose answer is not
@@ -205,7 +207,7 @@ def search_eta(clients: Sequence[int], ask: Ask, start: float, target: int, max_
     queries = dict.fromkeys(clients, 0)
     lo, lo_set, hi = None, None, None  # lo: at most target pass; hi: more than target pass
     narrowest: tuple[float, list[int]] = (math.inf, [])
-    eta, probes = start, 0
+    eta, probes, step = start, 0, 2.0
     while probes < max_probes:
         probes += 1
         unknown = [i for i in clients if not (passed_at.get(i, math.inf) <= eta or failed_at.get(i, -math.inf) >= eta)]
@@ -227,9 +229,9 @@ def search_eta(clients: Sequence[int], ask: Ask, start: float, target: int, max_
         if len(passing) == target or (lo is not None and hi is not None and hi <= lo * (1.0 + rtol)):
             break
         if hi is None:
-            eta = 2.0 * eta
+            eta, step = eta * step, 2.0 * step
         elif lo is None:
-            eta = 0.5 * eta
+            eta, step = eta / step, 2.0 * step
         else:
             eta = math.sqrt(lo * hi)
     if lo is None:  # more than target pass at every eta tried: keep the narrowest statement's clients

@@ -233,8 +233,11 @@ def test_overrides_are_typed_and_checked_like_the_config() -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.usefixtures("one_ray")
+@pytest.mark.usefixtures("own_ray")
 def test_an_outside_strategy_defence_and_attack_run_through_the_simulation(outside: Path) -> None:
+    # Its own Ray, started by this run while the module's folder is on sys.path: Ray gives its
+    # workers the driver's sys.path, and the clients import the module to validate the config. A
+    # shared Ray started earlier (by another module) would not have the folder.
     run = fedlora.simulate(
         TINY,
         outside / "run",
@@ -248,7 +251,7 @@ def test_an_outside_strategy_defence_and_attack_run_through_the_simulation(outsi
     )
     calls = (outside / "calls.txt").read_text().split()
     # Two rounds, each: the attack rewrites the malicious reply, the defence screens, the strategy aggregates.
-    # The module was on this process' path only: the ServerApp, in this process, is its only user.
+    # Every call is the ServerApp's, in this process: the clients never run the module's code.
     assert calls[::2] == ["attack", "screen", "aggregate"] * 2 and set(calls[1::2]) == {str(os.getpid())}
     assert [record["round"] for record in run.history] == [0, 1, 2]
     assert run.history[1]["extra"]["malicious"] and run.history[1]["extra"]["flagged"] == []

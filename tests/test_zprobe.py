@@ -39,6 +39,7 @@ def _hand_eta(levels: np.ndarray, n: int, c: int, q: int, phi_max: float, max_pr
     target = math.ceil((1 - phi_max) * n - 1e-9)
     eta = math.sqrt(n / c) * math.sqrt(q / max(phi_max, 0.5 / n))
     lo = hi = None
+    step = 2.0
     for _ in range(max_probes):
         passing = int((levels <= eta).sum())
         if passing <= target:
@@ -47,7 +48,10 @@ def _hand_eta(levels: np.ndarray, n: int, c: int, q: int, phi_max: float, max_pr
             hi = eta
         if passing == target or (lo is not None and hi is not None and hi <= lo * (1 + rtol)):
             break
-        eta = 2 * eta if hi is None else (eta / 2 if lo is None else math.sqrt(lo * hi))
+        if hi is None or lo is None:  # the step doubles until the target is bracketed
+            eta, step = (eta * step if hi is None else eta / step), 2 * step
+        else:
+            eta = math.sqrt(lo * hi)
     assert lo is not None
     return lo
 
@@ -149,12 +153,19 @@ def test_eta_search_bisects_and_with_ties_lets_at_most_the_target_pass() -> None
     levels = {0: 1.0, 1: 5.0, 2: 5.0, 3: 5.0}
     found = search_eta(list(levels), _asker(levels, []), start=1.5, target=2, max_probes=40, rtol=1e-3)
     assert found.accepted == [0] and 5.0 / (1 + 1e-3) <= found.eta < 5.0
-    levels = {0: 1.0, 1: 1e9}  # the cap stops the doubling before the target is bracketed
+    levels = {0: 1.0, 1: 1e9}  # the cap stops the search before the target is bracketed: 1, 2, 8
     capped = search_eta(list(levels), _asker(levels, []), start=1.0, target=2, max_probes=3, rtol=1e-3)
-    assert (capped.accepted, capped.eta, capped.probes) == ([0], 4.0, 3)
+    assert (capped.accepted, capped.eta, capped.probes) == ([0], 8.0, 3)
     levels = {0: 0.0, 1: 0.0, 2: 0.0}  # every client at the centre: more than target pass at every eta
     tied = search_eta(list(levels), _asker(levels, []), start=8.0, target=2, max_probes=4, rtol=1e-3)
-    assert (tied.accepted, tied.eta) == ([0, 1, 2], 1.0)  # fail closed on the narrowest statement tried
+    assert (tied.accepted, tied.eta) == ([0, 1, 2], 0.125)  # 8, 4, 1, 1/8: the narrowest statement tried
+
+
+def test_eta_search_reaches_levels_far_below_its_start_within_the_probe_budget() -> None:
+    # One huge update inflates the spread: every honest level is 1e-7 of the start, within a factor 2.
+    levels = {i: 1e-6 * (1.0 + i / 20) for i in range(14)} | {14: 5.0}
+    found = search_eta(list(levels), _asker(levels, []), start=12.0, target=11, max_probes=24, rtol=1e-3)
+    assert found.accepted == list(range(11)) and found.probes <= 24
 
 
 def test_chebyshev_start_and_parameters() -> None:
