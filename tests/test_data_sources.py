@@ -232,3 +232,16 @@ def test_a_federation_trains_on_a_parquet_file_named_relative_to_its_config(
     history = read_history(run_dir)
     assert [line["round"] for line in history] == [0, 1, 2] and all(not line["rejected"] for line in history)
     assert json.loads((run_dir / "config.json").read_text())["data"]["source"] == str(tmp_path / "data" / "news.parquet")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_json_nested_too_deeply_for_any_parser_is_one_line(tmp_path: Path, suffix: str) -> None:
+    """Python's parser reads a JSON file before pyarrow's (which has crashed the process on a
+    random one): nesting past Python's recursion limit is a refusal naming the file, not a crash."""
+    from fedlora.data.files import read_table
+
+    path = tmp_path / f"deep{suffix}"
+    path.write_text('[{"text": ' + "[" * 100_000 + "\n")
+    with pytest.raises(ConfigError) as refused:
+        read_table(path, "data.source")
+    assert str(refused.value).startswith(f"data.source: {path}: ") and "nested too deeply" in str(refused.value)

@@ -48,6 +48,8 @@ def read_table(path: Path, what: str) -> datasets.Dataset | datasets.DatasetDict
     try:
         if builder != "parquet":
             _check_utf8(path, what)
+        if builder == "json":
+            _check_json_syntax(path, what)
         options: dict[str, Any] = _csv_options(path, what) if builder == "csv" else {}
     except OSError as err:
         raise ConfigError(f"{what}: cannot read {path} ({err.strerror or err})") from None
@@ -189,25 +191,57 @@ def _diagnose_csv(path: Path) -> str | None:
 
 
 def _diagnose_json(path: Path) -> str | None:
-    """The first record that is not a JSON object, or whose key changes kind (a number in one
-    record, a string in another, which no column can hold), if any."""
+    """The first place that is not valid JSON, the first record that is not a JSON object, or whose
+    key changes kind (a number in one record, a string in another, which no column can hold), if any."""
+    unit, records = _json_records(path)
+    try:
+        return _first_bad_record(records, unit)
+    except ValueError as err:
+        return str(err)
+
+
+def _json_records(path: Path) -> tuple[str, Iterator[tuple[int, Any]]]:
+    """("record", a JSON array's records) or ("line", a JSON Lines file's, read line by line),
+    numbered; iterating raises ValueError naming the first place that is not valid JSON."""
     if _is_json_array(path):
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            return f"not valid JSON (line {err.lineno}: {err.msg})"
-        if not isinstance(records, list):
-            return "not a list of objects"
-        return _first_bad_record(enumerate(records, start=1), "record")
-    with path.open(encoding="utf-8") as handle:
-        numbered = [(number, line) for number, line in enumerate(handle, start=1) if line.strip()]
-    parsed = []
-    for number, line in numbered:
-        try:
-            parsed.append((number, json.loads(line)))
-        except json.JSONDecodeError as err:
-            return f"line {number} is not valid JSON ({err.msg})"
-    return _first_bad_record(parsed, "line")
+        return "record", _array_records(path)
+    return "line", _line_records(path)
+
+
+def _array_records(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        records = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte order mark is allowed, as pyarrow allows it
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON (line {err.lineno}: {err.msg})") from None
+    except RecursionError:
+        raise ValueError("not valid JSON (nested too deeply)") from None
+    if not isinstance(records, list):
+        raise ValueError("not a list of objects")
+    yield from enumerate(records, start=1)
+
+
+def _line_records(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open(encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"line {number} is not valid JSON ({err.msg})") from None
+            except RecursionError:
+                raise ValueError(f"line {number} is not valid JSON (nested too deeply)") from None
+
+
+def _check_json_syntax(path: Path, what: str) -> None:
+    """Python's parser reads a JSON file before pyarrow's does: pyarrow's has crashed the process
+    (SIGSEGV in its rapidjson reader) on a short file of random bytes that passed the UTF-8 check,
+    where a bad file must be one line. Streams JSON Lines; a JSON array is parsed whole."""
+    try:
+        for _ in _json_records(path)[1]:
+            pass
+    except ValueError as err:
+        raise ConfigError(f"{what}: {path}: {err}") from None
 
 
 def _first_bad_record(records: Iterable[tuple[int, Any]], unit: str) -> str | None:
@@ -231,7 +265,7 @@ def _json_kind(value: object) -> str:
 
 def _is_json_array(path: Path) -> bool:
     with path.open("rb") as handle:
-        start = handle.read(4096).lstrip()
+        start = handle.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
     return start.startswith(b"[")
 
 
