@@ -144,7 +144,11 @@ def test_every_client_gets_examples_or_the_split_is_refused_in_one_line(
         ("data.jsonl", '{"text": "a", "label": "x"}\n17\n', "line 2 is a number, not an object"),
         ("data.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": \n', "line 2 is not valid JSON"),
         ("data.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": "y"}\n\n', "line 2: 'label' is a string but a number"),
-        ("data.jsonl", '{"text": 5, "label": "x"}\n{"text": "b", "label": "y"}\n', "line 1: the text is 5, not a string"),
+        (
+            "data.jsonl",
+            '{"text": 5, "label": "x"}\n{"text": "b", "label": "y"}\n',
+            "line 2: 'text' is a string but a number in line 1",
+        ),
         ("data.json", '{"rows": [{"text": "a", "label": "x"}]}', "data.text_column: 'text' is not a column"),
         ("data.csv", "text,label\na,x\nb,y,z\n", "data.csv: line 3 has 3 cells but the header has 2"),
         ("data.csv", "", "data.csv is empty; a CSV data set starts with a header"),
@@ -191,7 +195,7 @@ def test_a_separate_test_split_with_a_class_the_train_split_lacks_names_its_row(
     [
         ([1, 2.5, 1], "the label 2.5 is a fraction"),
         ([True, False, True], "the label True is a boolean"),
-        ([1, [2], 1], "the label [2] is a list"),
+        ([1, [2], 1], "line 2: 'label' is a list but a number in line 1"),
     ],
 )
 def test_a_label_that_is_neither_a_name_nor_a_number_is_refused(tmp_path: Path, labels: list, message: str) -> None:

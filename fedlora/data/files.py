@@ -48,13 +48,13 @@ def read_table(path: Path, what: str) -> datasets.Dataset | datasets.DatasetDict
     try:
         if builder != "parquet":
             _check_utf8(path, what)
-        if builder == "json":
-            _check_json_syntax(path, what)
         options: dict[str, Any] = _csv_options(path, what) if builder == "csv" else {}
     except OSError as err:
         raise ConfigError(f"{what}: cannot read {path} ({err.strerror or err})") from None
     import datasets
 
+    if builder == "json":
+        return _json_table(path, what)
     try:
         with quiet_datasets():
             return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
@@ -233,15 +233,27 @@ def _line_records(path: Path) -> Iterator[tuple[int, Any]]:
                 raise ValueError(f"line {number} is not valid JSON (nested too deeply)") from None
 
 
-def _check_json_syntax(path: Path, what: str) -> None:
-    """Python's parser reads a JSON file before pyarrow's does: pyarrow's has crashed the process
-    (SIGSEGV in its rapidjson reader) on a short file of random bytes that passed the UTF-8 check,
-    where a bad file must be one line. Streams JSON Lines; a JSON array is parsed whole."""
+def _json_table(path: Path, what: str) -> datasets.Dataset:
+    """A JSON array or JSON Lines file read by Python's parser into a Dataset, not by the `datasets`
+    json builder: its pyarrow reader (rapidjson) crashed test workers with SIGSEGV on fuzzed files,
+    where a bad file must be one line. Anything not valid JSON (or nested too deeply), a record that
+    is not an object, or a key whose kind changes is one line naming the file and the place."""
+    import datasets
+
+    unit, numbered = _json_records(path)
     try:
-        for _ in _json_records(path)[1]:
-            pass
+        records = [record for _, record in numbered]
     except ValueError as err:
         raise ConfigError(f"{what}: {path}: {err}") from None
+    problem = _first_bad_record(enumerate(records, start=1), unit) if unit == "record" else _diagnose_json(path)
+    if problem:
+        raise ConfigError(f"{what}: {path}: {problem}")
+    if not records:
+        raise ConfigError(f"{what}: {path} holds no examples")
+    try:
+        return datasets.Dataset.from_list(records)
+    except Exception as err:  # pyarrow's conversion errors (a nested value of changing shape)
+        raise ConfigError(f"{what}: {path}: {_why_unreadable(path, 'json', err)}") from None
 
 
 def _first_bad_record(records: Iterable[tuple[int, Any]], unit: str) -> str | None:
