@@ -25,6 +25,7 @@ import datetime
 import math
 import re
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -651,6 +652,12 @@ class OutputConfig(_Section):
         return trackers
 
 
+def _changed_from_default(privacy: PrivacyConfig, keys: Iterable[str]) -> list[str]:
+    """Those of `keys` set to other than their default. Against the default, not "was it given":
+    a dumped and re-read config gives every key."""
+    return [key for key in keys if getattr(privacy, key) != PrivacyConfig.model_fields[key].default]
+
+
 class ExperimentConfig(_Section):
     """One federated experiment: every section, resolved."""
 
@@ -752,8 +759,7 @@ class ExperimentConfig(_Section):
         """User-level DP's mechanism releases one noised step every round, whatever the replies (see fedlora/user_privacy.py)."""
         privacy = self.privacy
         if not privacy.user_level:
-            # Against the default, not "was it given": a dumped and re-read config gives every key.
-            idle = [key for key in USER_LEVEL_KEYS if getattr(privacy, key) != PrivacyConfig.model_fields[key].default]
+            idle = _changed_from_default(privacy, USER_LEVEL_KEYS)
             if idle:
                 raise ValueError(
                     f"privacy.{idle[0]}: a user-level setting, which does nothing unless privacy.enabled = true and "
@@ -779,7 +785,7 @@ class ExperimentConfig(_Section):
         """Adaptive clipping's settings only with it on; and only with central noise, where the server sees each update."""
         privacy = self.privacy
         if not privacy.adaptive_clip:
-            idle = [key for key in ADAPTIVE_CLIP_KEYS if getattr(privacy, key) != PrivacyConfig.model_fields[key].default]
+            idle = _changed_from_default(privacy, ADAPTIVE_CLIP_KEYS)
             if idle:
                 raise ValueError(
                     f"privacy.{idle[0]}: an adaptive clipping setting, which does nothing unless privacy.adaptive_clip = "
