@@ -23,8 +23,9 @@ from torch import Tensor
 
 from fedlora.lora import LoraState
 from strategies.base import LoraStrategy
-from strategies.flora import fold, merged_parts, stack
+from strategies.flora import fold, merged_parts, merged_rank, stack
 from strategies.gram_svd import work_dtype
+from strategies.per_layer import map_layers
 
 
 def pad_rank(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -103,8 +104,9 @@ class FedExLoRA(LoraStrategy):
         """B̄, Ā of the clients' effective adapters; M <- M + s (dW - B̄ Ā), exact."""
         top = self.global_rank()
         top_scaling = self.scaling(top)
-        factors, ranks = {}, []
-        for layer, parts in global_state.factors.items():
+
+        def merged(layer: str) -> dict[str, Tensor]:
+            parts = global_state.factors[layer]
             bs, as_ = [], []
             for update in updates:
                 b, a = self._effective_adapter(update.factors[layer], parts)
@@ -114,9 +116,10 @@ class FedExLoRA(LoraStrategy):
             b_mean, a_mean, u, v = residual_stack(bs, as_, weights, top_scaling)
             delta = fold(parts.get("U"), parts.get("V"), u, v)
             dtype = parts["A"].dtype
-            factors[layer] = merged_parts({"A": a_mean.to(dtype), "B": b_mean.to(dtype)}, delta, dtype)
-            ranks.append(0 if delta is None else delta[0].shape[1])
-        self.last_round.extra["merged_rank_max"] = max(ranks)
+            return merged_parts({"A": a_mean.to(dtype), "B": b_mean.to(dtype)}, delta, dtype)
+
+        factors = map_layers(merged, global_state.factors)
+        self.last_round.extra["merged_rank_max"] = max(merged_rank(parts) for parts in factors.values())
         return LoraState(factors=factors)
 
     def _effective_adapter(self, trained: dict[str, Tensor], parts: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

@@ -17,6 +17,7 @@ from fedlora.config import StrategyConfig
 from fedlora.lora import LoraState
 from strategies.base import LoraStrategy, weighted_sum
 from strategies.gram_svd import gram_low_rank, gram_product_svd
+from strategies.per_layer import map_layers
 
 # The factors are thin (d x r), so float64 costs little and keeps B'A' = BA to ~1e-15 relative
 # even when B and A are badly conditioned; results go back in the caller's dtype.
@@ -150,11 +151,12 @@ class FedSVD(LoraStrategy):
     def aggregate_factors(self, global_state: LoraState, updates: list[LoraState], weights: Tensor) -> LoraState:
         """B <- sum p_k B_k (exact: A is shared), then B A -> U S, V^T every svd_period rounds."""
         refactor = self.server_round % self.svd_period == 0
-        factors = {}
-        for layer, parts in global_state.factors.items():
+
+        def aggregated(layer: str) -> dict[str, Tensor]:
             b = weighted_sum([u.factors[layer]["B"] for u in updates], weights)
-            a = parts["A"]
+            a = global_state.factors[layer]["A"]
             if refactor and torch.any(b):  # an all-zero B has nothing to re-factorize
                 b, a = refactorize(b, a)
-            factors[layer] = {"A": a, "B": b}
-        return LoraState(factors=factors)
+            return {"A": a, "B": b}
+
+        return LoraState(factors=map_layers(aggregated, global_state.factors))

@@ -22,6 +22,7 @@ from fedlora.lora import LoraState
 from strategies.base import LoraStrategy
 from strategies.fedsvd import numerical_rank, product_svd
 from strategies.flora import stack
+from strategies.per_layer import map_layers
 
 
 @dataclass(frozen=True)
@@ -112,16 +113,17 @@ class FlexLoRA(LoraStrategy):
         """Per layer, sum_k p_k s_k B_k A_k's top r_max factors at the global scaling; truncation errors recorded."""
         top = self.global_rank()
         ranks = sorted(set(self.client_ranks.values()) if self.client_ranks else {top})
-        factors, errors = {}, {r: [] for r in ranks}
-        for layer in global_state.factors:
+
+        def layer_result(layer: str) -> dict[int, Truncated]:
             bs = [u.factors[layer]["B"] for u in updates]
             as_ = [u.factors[layer]["A"] for u in updates]
             # Products in units of the global scaling: a rank-r_k client's weight times s_k / s_top.
             gains = torch.tensor([self.scaling(b.shape[1]) / self.scaling(top) for b in bs], dtype=weights.dtype)
-            result = flexlora_aggregate(bs, as_, weights * gains, ranks)
-            factors[layer] = {"A": result[top].A, "B": result[top].B}
-            for r in ranks:
-                errors[r].append(result[r].relative_error)
+            return flexlora_aggregate(bs, as_, weights * gains, ranks)
+
+        results = map_layers(layer_result, global_state.factors)
+        factors = {layer: {"A": result[top].A, "B": result[top].B} for layer, result in results.items()}
+        errors = {r: [result[r].relative_error for result in results.values()] for r in ranks}
         self.last_round.extra["truncation"] = {
             str(r): {"relative_mean": sum(e) / len(e), "relative_max": max(e)} for r, e in errors.items()
         }

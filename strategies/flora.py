@@ -19,6 +19,7 @@ from strategies.base import LoraStrategy
 from strategies.fedsvd import low_rank
 from strategies.ffa_lora import shared_a
 from strategies.gram_svd import work_dtype
+from strategies.per_layer import map_layers
 
 
 def stack(bs: list[Tensor], as_: list[Tensor], weights: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,6 +71,11 @@ def fold(merged_u: Tensor | None, merged_v: Tensor | None, u: Tensor, v: Tensor)
     return (u, v) if u.shape[1] else None
 
 
+def merged_rank(parts: dict[str, Tensor]) -> int:
+    """The rank of a layer's merged delta (0 when there is none)."""
+    return parts["U"].shape[1] if "U" in parts else 0
+
+
 def merged_parts(parts: dict[str, Tensor], delta: tuple[Tensor, Tensor] | None, dtype: torch.dtype) -> dict[str, Tensor]:
     """A layer's factors A, B with the delta's U, V (none when it is zero), in `dtype`."""
     out = {"A": parts["A"], "B": parts["B"]}
@@ -100,18 +106,22 @@ class FLoRA(LoraStrategy):
 
     def aggregate_factors(self, global_state: LoraState, updates: list[LoraState], weights: Tensor) -> LoraState:
         """M <- M + sum_k p_k s_k B_k A_k (exact); next round: a fresh seeded A, B = 0."""
-        factors, stacked, ranks = {}, 0, []
-        for layer, parts in global_state.factors.items():
+
+        def merged(layer: str) -> dict[str, Tensor]:
+            parts = global_state.factors[layer]
             bs = [u.factors[layer]["B"] for u in updates]
             as_ = [u.factors[layer]["A"] for u in updates]
             scalings = torch.tensor([self.scaling(b.shape[1]) for b in bs], dtype=weights.dtype)
-            stacked += stack_bytes(bs, as_)
             delta = fold(parts.get("U"), parts.get("V"), *stack(bs, as_, weights * scalings))
             rank, d_in = parts["A"].shape
             fresh = {"A": shared_a(derive_seed(self.seed, "flora", self.server_round), layer, rank, d_in, parts["A"].dtype)}
             fresh["B"] = torch.zeros_like(parts["B"])
-            factors[layer] = merged_parts(fresh, delta, parts["A"].dtype)
-            ranks.append(0 if delta is None else delta[0].shape[1])
+            return merged_parts(fresh, delta, parts["A"].dtype)
+
+        factors = map_layers(merged, global_state.factors)
+        stacked = sum(
+            stack_bytes([u.factors[layer]["B"] for u in updates], [u.factors[layer]["A"] for u in updates]) for layer in factors
+        )
         self.last_round.extra["stack_bytes"] = stacked * len(updates)  # every client downloads the whole stack
-        self.last_round.extra["merged_rank_max"] = max(ranks)
+        self.last_round.extra["merged_rank_max"] = max(merged_rank(parts) for parts in factors.values())
         return LoraState(factors=factors)

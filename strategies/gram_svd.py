@@ -91,7 +91,7 @@ def gram(x: Tensor) -> Tensor:
             total += wide @ wide.T
         return total
 
-    with _blas_pools().limit(limits=1, user_api="blas"):
+    with blas_pools().limit(limits=1, user_api="blas"):
         if workers == 1 or len(starts) == 1:
             return torch.from_numpy(partial(starts))
         return torch.from_numpy(sum(_workers(workers).map(partial, [starts[i::workers] for i in range(workers)])))
@@ -104,7 +104,7 @@ def _workers(count: int) -> ThreadPoolExecutor:
 
 
 @functools.cache
-def _blas_pools() -> ThreadpoolController:
+def blas_pools() -> ThreadpoolController:
     """The BLAS libraries loaded (numpy's among them), found once."""
     return ThreadpoolController()
 

@@ -27,21 +27,14 @@ from fedlora.config import StrategyConfig
 from fedlora.lora import LoraState
 from strategies.base import LoraStrategy
 from strategies.gram_svd import gram, work_dtype
+from strategies.lora_fair_path import RidgePath, search_path
+from strategies.per_layer import map_layers
 
 # Factors are thin (d x r) and the cores r x r or Kr x Kr: float64 is cheap here and keeps the
 # Gram-form identities accurate when the cosine is close to 1.
 _WORK_DTYPE = torch.float64
 WEIGHT_SUM_TOLERANCE = 1e-6
 METHODS = ("cosine", "lstsq")
-# The search along the ridge path (see _RidgePath): a log-spaced grid over rho with this many
-# points per decade, from 1e-6 x the smallest nonzero eigenvalue of Ā Ā^T to 1e12 x the largest
-# (beyond it ||dB|| < ~1e-12 ||B̄||: nothing left to gain), shifted down while its lowest point is
-# its best, then refinements that each narrow the bracket around the best point 16-fold.
-_GRID_PER_DECADE = 8
-_DECADES_BELOW, _DECADES_ABOVE = 6, 12
-_REFINE_POINTS = 33
-# Downward shifts of the grid allowed while the minimum lies below it (each ~ 18 decades).
-_MAX_SHIFTS = 16
 
 
 def lora_fair_correction(
@@ -76,7 +69,7 @@ def lora_fair_correction(
     a_bar = clients.a_bar()
     target = _FactoredTarget.build(clients)
     if method == "lstsq":
-        path = _RidgePath.build(target)
+        path = target.path()
         b_new = path.form(path.ridge(lam))
     else:
         b_new = _cosine_solution(target, lam, refinements)
@@ -179,6 +172,10 @@ class _FactoredTarget:
             dw_norm=dw_sq.clamp(min=0).sqrt(),  # rounding can push a zero norm slightly negative
         )
 
+    def path(self) -> RidgePath:
+        """The ridge path of candidates B' A_ref (strategies/lora_fair_path.py)."""
+        return RidgePath.build(self.g, self.b_bar, self.h, float(self.dw_norm))
+
     def cosine(self, b: Tensor) -> Tensor:
         """cos(dW, b A_ref), 0 if either matrix is zero."""
         q = torch.sum((b @ self.h) * b)  # ||b A_ref||^2
@@ -196,7 +193,7 @@ def _cosine_solution(target: _FactoredTarget, lam: float, refinements: int) -> T
 
     The objective is smooth except at dB = 0 (the norm's kink) and where B' Ā = 0 (the cosine's
     pole), so a minimizer is dB = 0 or a stationary point, and every stationary point with a
-    positive cosine lies on the one-parameter ridge path (_RidgePath). We search that path (a
+    positive cosine lies on the one-parameter ridge path (lora_fair_path.RidgePath). We search that path (a
     grid over log rho, refined around its best point) and return the best of: B̄, the path's
     best point, and the least-squares B' (B' Ā = dW projected on Ā's row space). Exact and
     global whenever cos(dW, B̄ Ā) > 0, whatever the conditioning of Ā Ā^T; no gradient steps,
@@ -208,15 +205,15 @@ def _cosine_solution(target: _FactoredTarget, lam: float, refinements: int) -> T
     penalty tends to lam ||B̄||). That infimum is not attained and would erase the update: we
     consider only the path's interior local minima then.
     """
-    path = _RidgePath.build(target)
-    if target.dw_norm <= 0 or not torch.any(path.gg > 0):
+    path = target.path()
+    if target.dw_norm <= 0 or not path.reaches_anything():
         return target.b_bar  # nothing of dW is reachable through Ā: no direction to correct in
     least_squares = path.ridge(0.0)
     if lam == 0:
         # The cosine alone leaves the scale free: take the lam -> 0+ limit, the path's end.
         return path.form(path.low_rho_end() if path.least_squares_scale() > 0 else least_squares)
     candidates = [least_squares]
-    rho = _search_path(path, lam, refinements)
+    rho = search_path(path, lam, refinements)
     if rho is not None:
         candidates.append(path.point(rho))
     # Compared in H's eigenbasis (one d_out x r pass each); only the winner is formed.
@@ -226,202 +223,6 @@ def _cosine_solution(target: _FactoredTarget, lam: float, refinements: int) -> T
         if value < best_value:  # strictly: ties keep B̄
             best, best_value = candidate, value
     return target.b_bar if best is None else path.form(best)
-
-
-# A point B' of the ridge path's plane in H's eigenbasis, column by column: the weights (a, b, c)
-# with B' V = a G V + b B̄ V and dB V = (B' - B̄) V = a G V - c B̄ V (c = 1 - b, kept apart so
-# that a small dB is not the difference of two large terms).
-_Weights = tuple[Tensor, Tensor, Tensor]
-
-
-@dataclass(frozen=True)
-class _RidgePath:
-    """The path B'(rho) = (kappa(rho) G + rho B̄)(H + rho I)^{-1}, rho > 0, in H's eigenbasis.
-
-    Setting the gradient of 1 - cos(dW, B' Ā) + lam ||B' - B̄|| to zero gives
-    B' (beta H + mu I) = alpha G + mu B̄ with alpha = 1 / (||dW|| ||B'Ā||),
-    beta = <dW, B'Ā> / (||dW|| ||B'Ā||^3) and mu = lam / ||dB||. With a positive cosine
-    (beta > 0), divide by beta: rho = mu / beta > 0 and kappa = alpha / beta = ||B'Ā||^2 /
-    <dW, B'Ā>. For B' on the path that last identity is a quadratic in kappa with exactly one
-    positive root, so one parameter remains. As rho -> infinity the path ends at B̄ (leaving it
-    along -grad(1 - cos) when cos(dW, B̄ Ā) > 0); as rho -> 0 it tends to low_rho_end().
-
-    With H = V diag(lambda) V^T, column i of B' V combines columns i of G V and B̄ V only, so
-    the objective along the path needs just the r 2x2 Gram blocks of those columns: O(r) per
-    point, however large d_out.
-    """
-
-    eigenvalues: Tensor  # (r,), of H = Ā Ā^T, ascending, clamped at 0
-    eigenvectors: Tensor  # r x r
-    g_rot: Tensor  # d_out x r: G V
-    b_rot: Tensor  # d_out x r: B̄ V
-    gg: Tensor  # (r,): squared norms of the columns of G V
-    gb: Tensor  # (r,): inner products of matching columns of G V and B̄ V
-    bb: Tensor  # (r,): squared norms of the columns of B̄ V
-    dw_norm: Tensor
-
-    @classmethod
-    def build(cls, target: _FactoredTarget) -> _RidgePath:
-        """Diagonalize H and precompute the column Grams."""
-        eigenvalues, eigenvectors = torch.linalg.eigh(target.h)
-        g_rot, b_rot = target.g @ eigenvectors, target.b_bar @ eigenvectors
-        return cls(
-            eigenvalues=eigenvalues.clamp(min=0),  # H is PSD; rounding may dip below 0
-            eigenvectors=eigenvectors,
-            g_rot=g_rot,
-            b_rot=b_rot,
-            gg=torch.sum(g_rot * g_rot, dim=0),
-            gb=torch.sum(g_rot * b_rot, dim=0),
-            bb=torch.sum(b_rot * b_rot, dim=0),
-            dw_norm=target.dw_norm,
-        )
-
-    def kappa(self, rho: Tensor) -> Tensor:
-        """The positive root kappa(rho) of (n1 - q2) k^2 + (n0 - 2 q1) k - q0 = 0, for a batch of rho.
-
-        From kappa n(kappa) = q(kappa), with n = <dW, B'Ā> = n1 k + n0 and
-        q = ||B'Ā||^2 = q2 k^2 + 2 q1 k + q0 along the path; the differences are summed in
-        closed form so that nothing cancels.
-        """
-        lam_h, rho = self.eigenvalues, rho[:, None]
-        den = lam_h + rho
-        quad = torch.sum(self.gg * rho / den**2, dim=1)  # n1 - q2 > 0 when G != 0
-        lin = torch.sum(self.gb * rho * (rho - lam_h) / den**2, dim=1)  # n0 - 2 q1
-        const = torch.sum(lam_h * (rho / den) ** 2 * self.bb, dim=1)  # q0 >= 0
-        root = torch.sqrt(lin**2 + 4 * quad * const)
-        # The two algebraically equal forms, each used where it does not cancel.
-        tiny = torch.finfo(_WORK_DTYPE).tiny
-        from_const = 2 * const / (lin + root).clamp(min=tiny)
-        from_quad = (root - lin) / (2 * quad).clamp(min=tiny)
-        return torch.where(lin >= 0, from_const, from_quad)
-
-    def objective(self, rho: Tensor, lam: float) -> Tensor:
-        """The objective at B'(rho) for a batch of rho, from the column Grams only."""
-        den = self.eigenvalues + rho[:, None]
-        return self.value((self.kappa(rho)[:, None] / den, rho[:, None] / den, self.eigenvalues / den), lam)
-
-    def value(self, weights: _Weights, lam: float) -> Tensor:
-        """The objective (1 - cos(dW, B' Ā)) + lam ||B' - B̄||_F at the B' of `weights` (each
-        (r,), or (n, r) for n points), from the column Grams only: O(r) a point."""
-        a, _, c = weights
-        db_sq = torch.sum(a**2 * self.gg - 2 * a * c * self.gb + c**2 * self.bb, dim=-1)
-        return 1 - self._cosine(weights) + lam * db_sq.clamp(min=0).sqrt()
-
-    def candidate_value(self, weights: _Weights, lam: float) -> Tensor:
-        """value() with ||dB|| from dB's columns, d_out x r: the Grams' form of ||dB||^2 is a
-        difference of large terms when dB is small next to G H^-1 (a least-squares B' close to
-        B̄), too coarse to tell such a B' from B̄."""
-        a, _, c = weights
-        return 1 - self._cosine(weights) + lam * torch.linalg.matrix_norm(a * self.g_rot - c * self.b_rot)
-
-    def _cosine(self, weights: _Weights) -> Tensor:
-        """cos(dW, B' Ā) at the B' of `weights`, 0 where B' Ā = 0."""
-        a, b, _ = weights
-        n = torch.sum(a * self.gg + b * self.gb, dim=-1)
-        q = torch.sum(self.eigenvalues * (a**2 * self.gg + 2 * a * b * self.gb + b**2 * self.bb), dim=-1)
-        safe_q = q.clamp(min=torch.finfo(_WORK_DTYPE).tiny)
-        return torch.where(q > 0, n / (self.dw_norm * safe_q.sqrt()), torch.zeros_like(n))
-
-    def form(self, weights: _Weights) -> Tensor:
-        """The B' of `weights`, d_out x r."""
-        a, b, _ = weights
-        return (a * self.g_rot + b * self.b_rot) @ self.eigenvectors.T
-
-    def b_bar(self) -> _Weights:
-        """B̄ itself (dB = 0)."""
-        zero = torch.zeros_like(self.eigenvalues)
-        return zero, torch.ones_like(zero), zero
-
-    def point(self, rho: float) -> _Weights:
-        """B'(rho)."""
-        rho_t = torch.tensor([rho], dtype=_WORK_DTYPE, device=self.g_rot.device)
-        den = self.eigenvalues + rho
-        return self.kappa(rho_t) / den, rho / den, self.eigenvalues / den
-
-    @property
-    def reached(self) -> Tensor:
-        """Mask of the eigen-directions Ā reaches (eigenvalue above torch.linalg.pinv's cut-off)."""
-        lam_h = self.eigenvalues
-        return lam_h > lam_h.shape[0] * torch.finfo(_WORK_DTYPE).eps * lam_h[-1]
-
-    def ridge(self, lam: float) -> _Weights:
-        """(G + lam B̄)(H + lam I)^{-1}; for lam = 0, its limit G H^+ + B̄ (I - H H^+)."""
-        if lam > 0:
-            den = self.eigenvalues + lam
-            return 1 / den, lam / den, self.eigenvalues / den
-        # Directions Ā does not reach keep B̄: the least-squares solution closest to B̄.
-        return self._on_reached(1.0)
-
-    def least_squares_scale(self) -> float:
-        """s = <B_ls, B̄> / ||B_ls||^2 with B_ls = G H^+: the multiple of B_ls closest to B̄."""
-        lam_h = torch.where(self.reached, self.eigenvalues, math.inf)
-        return float(torch.sum(self.gb / lam_h) / torch.sum(self.gg / lam_h**2))
-
-    def low_rho_end(self) -> _Weights:
-        """lim B'(rho) as rho -> 0: s B_ls + B̄ (I - H H^+), zero on Ā's row space when s <= 0."""
-        return self._on_reached(max(self.least_squares_scale(), 0.0))
-
-    def _on_reached(self, scale: float) -> _Weights:
-        """scale G H^+ on the directions Ā reaches, B̄ on the others."""
-        reached = self.reached
-        a = torch.where(reached, scale / torch.where(reached, self.eigenvalues, 1.0), 0.0)
-        b = (~reached).to(_WORK_DTYPE)
-        return a, b, 1 - b
-
-
-def _search_path(path: _RidgePath, lam: float, refinements: int) -> float | None:
-    """The rho of the best point on the path (None if no attained one): grid, then zoom in."""
-    vanishing_end = path.least_squares_scale() <= 0
-    grid, values = _path_grid(path, lam, extend_down=not vanishing_end)
-    best = _best_index(values, interior_only=vanishing_end)
-    if best is None:
-        return None
-    for _ in range(refinements):
-        # The minimum lies between the best point's neighbours: zoom in there.
-        left, right = float(grid[max(best - 1, 0)]), float(grid[min(best + 1, grid.shape[0] - 1)])
-        grid = torch.linspace(left, right, _REFINE_POINTS, dtype=_WORK_DTYPE)
-        values = _path_values(path, grid, lam)
-        best = int(torch.argmin(values))
-    return math.exp(float(grid[best]))
-
-
-def _path_grid(path: _RidgePath, lam: float, *, extend_down: bool) -> tuple[Tensor, Tensor]:
-    """A grid over log rho and the objective on it, spanning the eigenvalues of Ā Ā^T.
-
-    The stationary rho is lam ||B'Ā||^2 / (cos ||dB||): it scales with the size of B as well as
-    with the eigenvalues, so it may lie below the grid. With `extend_down`, while the best
-    point is the lowest, the window shifts down by its own width.
-    """
-    reached = path.eigenvalues[path.reached]
-    ln10 = math.log(10)
-    lo = math.log(float(reached[0])) - _DECADES_BELOW * ln10
-    hi = math.log(float(reached[-1])) + _DECADES_ABOVE * ln10
-    count = math.ceil((hi - lo) / ln10 * _GRID_PER_DECADE) + 1
-    grid = torch.linspace(lo, hi, count, dtype=_WORK_DTYPE)
-    values = _path_values(path, grid, lam)
-    for _ in range(_MAX_SHIFTS if extend_down else 0):
-        if int(torch.argmin(values)) != 0:
-            break
-        grid = grid - (hi - lo)
-        values = _path_values(path, grid, lam)
-    return grid, values
-
-
-def _best_index(values: Tensor, *, interior_only: bool) -> int | None:
-    """The grid index of the least value; with interior_only, of the least interior local minimum."""
-    if not interior_only:
-        return int(torch.argmin(values))
-    inner = values[1:-1]
-    is_local_min = (inner <= values[:-2]) & (inner <= values[2:]) & torch.isfinite(inner)
-    if not torch.any(is_local_min):
-        return None
-    return 1 + int(torch.argmin(torch.where(is_local_min, inner, math.inf)))
-
-
-def _path_values(path: _RidgePath, log_rho: Tensor, lam: float) -> Tensor:
-    """The objective along the path at rho = exp(log_rho), on the CPU; NaN (0/0) counts as +inf."""
-    values = path.objective(log_rho.exp().to(path.eigenvalues.device), lam)
-    return torch.nan_to_num(values, nan=math.inf).cpu()
 
 
 def _check_inputs(Bs: list[Tensor], As: list[Tensor], weights: Tensor | Sequence[float]) -> Tensor:
@@ -488,8 +289,8 @@ class LoraFair(LoraStrategy):
 
     def aggregate_factors(self, global_state: LoraState, updates: list[LoraState], weights: Tensor) -> LoraState:
         """Per layer: (B̄ + dB, Ā) from every client's (B_k, A_k)."""
-        factors = {}
-        for layer in global_state.factors:
+
+        def corrected(layer: str) -> dict[str, Tensor]:
             b, a = lora_fair_correction(
                 [u.factors[layer]["B"] for u in updates],
                 [u.factors[layer]["A"] for u in updates],
@@ -497,5 +298,6 @@ class LoraFair(LoraStrategy):
                 self.fair_lambda,
                 method=self.fair_method,
             )
-            factors[layer] = {"A": a, "B": b}
-        return LoraState(factors=factors)
+            return {"A": a, "B": b}
+
+        return LoraState(factors=map_layers(corrected, global_state.factors))

@@ -149,7 +149,7 @@ def test_a_zero_product_has_no_components():
 
 def test_the_grams_blas_runs_on_one_thread(monkeypatch):
     asked: list[int] = []
-    pools = gram_svd._blas_pools()
+    pools = gram_svd.blas_pools()
     real_limit = pools.limit
 
     def limit(**kwargs):

@@ -7,6 +7,7 @@ import torch
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
+from strategies import lora_fair_path
 from strategies.lora_fair import fair_objective, lora_fair_correction
 
 SEED = st.integers(min_value=0, max_value=2**31 - 1)
@@ -259,3 +260,19 @@ def _bad_calls():
 def test_bad_inputs_raise(case):
     with pytest.raises(ValueError):
         _bad_calls()[case]()
+
+
+@settings(max_examples=150, deadline=None)
+@given(fed=federations(), lam=st.sampled_from([1e-3, 0.01, 0.1, 1.0]))
+def test_stopping_the_search_where_the_objective_is_flat_loses_nothing_it_can_see(fed, lam):
+    """The search stops zooming once the objective is flat to rounding over its bracket
+    (lora_fair_path._FLAT); zooming on, all 12 refinements, finds no lower objective."""
+    seed, K, d_out, d_in, r, scale = fed
+    Bs, As, p = clients(seed, K, d_out, d_in, r, scale)
+    B_stopped, A_bar = lora_fair_correction(Bs, As, p, lam)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lora_fair_path, "_FLAT", 0.0)
+        B_full, _ = lora_fair_correction(Bs, As, p, lam)
+    stopped = float(fair_objective(Bs, As, p, B_stopped, A_bar, lam))
+    full = float(fair_objective(Bs, As, p, B_full, A_bar, lam))
+    assert stopped <= full + 1e-12 * (1 + abs(full))

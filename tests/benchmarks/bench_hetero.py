@@ -10,9 +10,12 @@ either way). Both ways are checked to agree. The factored FLoRA and FedEx-LoRA t
 first round, with no merged delta yet: later rounds re-factorize the merged delta as well.
 LoRA-FAIR and FedSVD (stacked Grams, a small solve; FedSVD's QRs of d x r factors), FedSA-LoRA and
 RoLoRA (factors averaged exactly as peers do) have no dense counterpart here: time only.
-The 32-layer round is the per-layer time times 32 (bench_aggregation measures whole rounds).
+The factored round is timed whole, over --layers decoder layers (default 32, as Llama-7B): the
+strategies spread a round's layers over the ServerApp's threads (strategies/per_layer.py), so a
+round is not 32 times one layer. The decoder layers share one layer's tensors (memory), which
+the strategies compute afresh for each.
 
-    python -m tests.benchmarks.bench_hetero [--scale 1.0] [--clients 10] [--repeats 3] [--factored-only] [--threads 2]
+    python -m tests.benchmarks.bench_hetero [--scale 1.0] [--clients 10] [--repeats 3] [--factored-only] [--threads 2] [--layers 32]
 
 --factored-only skips the peers' dense computation (FlexLoRA's dense SVD alone takes about 17
 minutes on two cores at full scale) and times the factored rounds only.
@@ -37,26 +40,35 @@ DENSE = ("flora", "flexlora", "fedex_lora")
 TARGETED, TARGET_7B_S = ("flora", "flexlora", "fedex_lora", "lora_fair", "fedsvd"), 3.0
 
 
-def states(scale: float, clients: int, seed: int = 0) -> tuple[LoraState, list[LoraState]]:
-    """A global state and the clients' trained factors (A and B) for one decoder layer, dimensions times `scale`."""
+def states(scale: float, clients: int, seed: int = 0, layers: int = 1) -> tuple[LoraState, list[LoraState]]:
+    """A global state and the clients' trained factors (A and B) for `layers` decoder layers,
+    dimensions times `scale`. Every decoder layer holds the same tensors (one layer's in memory:
+    32 real ones would take 1.6 GB for 10 clients); the strategies compute each afresh."""
     g = torch.Generator().manual_seed(seed)
-    global_state = LoraState()
+    one_global = {}
     for i, (d_out, d_in) in enumerate(SHAPES):
         d_out, d_in = int(d_out * scale), int(d_in * scale)
-        global_state.factors[f"proj{i}"] = {
+        one_global[f"proj{i}"] = {
             "A": torch.randn(RANK, d_in, generator=g) / d_in**0.5,
             "B": torch.randn(d_out, RANK, generator=g) * 1e-3,
         }
-    updates = [
-        LoraState(
-            factors={
-                layer: {part: t + 1e-3 * torch.randn(t.shape, generator=g) for part, t in parts.items()}
-                for layer, parts in global_state.factors.items()
-            }
-        )
+    one_updates = [
+        {
+            name: {part: t + 1e-3 * torch.randn(t.shape, generator=g) for part, t in parts.items()}
+            for name, parts in one_global.items()
+        }
         for _ in range(clients)
     ]
-    return global_state, updates
+
+    def repeated(one: dict[str, dict[str, torch.Tensor]]) -> LoraState:
+        return LoraState(factors={f"layers.{j}.{name}": parts for j in range(layers) for name, parts in one.items()})
+
+    return repeated(one_global), [repeated(update) for update in one_updates]
+
+
+def first_layer(state: LoraState) -> LoraState:
+    """The first decoder layer's projections (what the dense computation is checked on)."""
+    return LoraState(factors={name: parts for name, parts in state.factors.items() if name.startswith("layers.0.")})
 
 
 def dense_round(
@@ -90,24 +102,27 @@ def factored_effect(method: str, state: LoraState, layer: str) -> torch.Tensor:
 def measure(
     method: str, global_state: LoraState, updates: list[LoraState], weights: torch.Tensor, repeats: int, with_dense: bool
 ) -> dict[str, float]:
-    """One method's factored round (median of `repeats`) and, where peers compute densely, theirs (once) and the agreement."""
+    """One method's factored round over every decoder layer (median of `repeats`) and, where
+    peers compute densely, theirs on one decoder layer (once) and the agreement."""
     clients = len(updates)
+    layers = len(global_state.factors) // len(SHAPES)
     roster = Roster({i: i for i in range(clients)}, {i: 100 for i in range(clients)})
     strategy = STRATEGIES[method](roster, clients_per_round=clients, train_head=False, lora_alpha=ALPHA)
     strategy.global_state, strategy.server_round = global_state, 1
     replies = [u.select("B" if method == "rolora" else strategy.trains, head=False) for u in updates]  # RoLoRA: a B round
     strategy.aggregate_factors(global_state, replies, weights)  # warm-up
-    factored_s, state = timed(lambda: strategy.aggregate_factors(global_state, replies, weights), repeats)
-    row = {"factored_s": factored_s, "round_7b_s": factored_s * LAYERS_7B}
+    round_s, state = timed(lambda: strategy.aggregate_factors(global_state, replies, weights), repeats)
+    row = {"round_s": round_s, "factored_s": round_s / layers, "round_7b_s": round_s * LAYERS_7B / layers}
     if with_dense and method in DENSE:
-        dense_s, dense = timed(lambda: dense_round(method, global_state, replies, weights), 1)
+        one_global, one_replies = first_layer(global_state), [first_layer(reply) for reply in replies]
+        dense_s, dense = timed(lambda: dense_round(method, one_global, one_replies, weights), 1)
         if method == "fedex_lora":  # a small difference of two products: the reference in float64 (not timed)
-            dense = dense_round(method, global_state, replies, weights, torch.float64)
+            dense = dense_round(method, one_global, one_replies, weights, torch.float64)
         error = max(
             float(torch.linalg.matrix_norm(factored_effect(method, state, layer) - dense[layer].double()) / dense[layer].norm())
             for layer in dense
         )
-        row.update(dense_s=dense_s, ratio=dense_s / factored_s, relative_difference=error)
+        row.update(dense_s=dense_s, ratio=dense_s / row["factored_s"], relative_difference=error)
     return row
 
 
@@ -118,19 +133,22 @@ def main(
     with_dense: bool = True,
     methods: tuple[str, ...] = METHODS,
     threads: int = 2,
+    layers: int = LAYERS_7B,
 ) -> dict[str, dict[str, float]]:
-    """Print and return per method: factored and dense seconds per decoder layer, their ratio, the agreement."""
+    """Print and return per method: the factored round's seconds (and per decoder layer), the
+    dense computation's per decoder layer, their ratio, the agreement."""
     torch.set_num_threads(threads)
-    global_state, updates = states(scale, clients)
+    global_state, updates = states(scale, clients, layers=layers)
     weights = torch.rand(clients, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
     weights /= weights.sum()
     print(
-        f"server round per decoder layer (Llama-7B shapes x {scale:g}), {clients} clients, r={RANK}, {torch.get_num_threads()} threads"
+        f"server round of {layers} decoder layers (Llama-7B shapes x {scale:g}), {clients} clients, r={RANK}, "
+        f"{torch.get_num_threads()} threads"
     )
     figures = {}
     for method in methods:
         row = figures[method] = measure(method, global_state, updates, weights, repeats, with_dense)
-        line = f"  {method:<11} factored {row['factored_s']:6.2f} s a layer ({row['round_7b_s']:6.1f} s for 32)"
+        line = f"  {method:<11} factored {row['round_s']:6.2f} s ({row['factored_s']:5.3f} s a layer, {row['round_7b_s']:5.2f} s for 32)"
         if "ratio" in row:
             line += f"   dense {row['dense_s']:7.2f} s   dense / factored {row['ratio']:6.1f}x"
             line += f"   relative difference {row['relative_difference']:.1e}"
@@ -145,5 +163,8 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--factored-only", action="store_true", help="skip the peers' dense computation (minutes at full scale)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: issue 28's two cores)")
+    parser.add_argument(
+        "--layers", type=int, default=LAYERS_7B, help=f"decoder layers in the round (default {LAYERS_7B}: Llama-7B's)"
+    )
     args = parser.parse_args()
-    main(args.scale, args.clients, args.repeats, with_dense=not args.factored_only, threads=args.threads)
+    main(args.scale, args.clients, args.repeats, with_dense=not args.factored_only, threads=args.threads, layers=args.layers)
