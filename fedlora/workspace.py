@@ -19,7 +19,7 @@ from flwr.common.logger import log
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.config import ExperimentConfig
+from fedlora.config import ExperimentConfig, ModelConfig
 from fedlora.lora import LoraState
 from fedlora.node import client_device, node_data_path, server_device, shared_experiment
 from fedlora.task import Encoded, Examples, build_lora_model, encode, load_node_data, load_task_data, load_tokenizer, partition
@@ -59,7 +59,7 @@ def tokenizer(config: ExperimentConfig) -> PreTrainedTokenizerBase:
 
 @lru_cache(maxsize=4)
 def _tokenizer(model_json: str) -> PreTrainedTokenizerBase:
-    return load_tokenizer(ExperimentConfig.model_validate({"model": _loads(model_json)}).model)
+    return load_tokenizer(_model_config(model_json))
 
 
 def client_examples(config: ExperimentConfig, client_id: int) -> Encoded:
@@ -67,14 +67,21 @@ def client_examples(config: ExperimentConfig, client_id: int) -> Encoded:
     data_path = node_data_path(config)
     if data_path is not None:
         return _node_examples(shared_experiment(config).model_dump_json(), str(data_path))
-    return _client_examples(shared_experiment(config).model_dump_json(), client_id)
+    return _client_examples(*_data_key(config), client_id)
+
+
+def _data_key(config: ExperimentConfig) -> tuple[str, str, int, int]:
+    """What decides the tokenized splits: the data, the model (its tokenizer and max_length), the
+    number of clients and the seed; not the training settings or the strategy, so the runs of a
+    sweep over those share one tokenization per process."""
+    return config.data.model_dump_json(), _model_json(config), config.federation.num_clients, config.seed
 
 
 @lru_cache(maxsize=256)
-def _client_examples(config_json: str, client_id: int) -> Encoded:
-    config = ExperimentConfig.model_validate_json(config_json)
-    task = federated_task(config)
-    return encode(config.model, tokenizer(config), task.partitions[client_id])
+def _client_examples(data_json: str, model_json: str, num_clients: int, seed: int, client_id: int) -> Encoded:
+    model = _model_config(model_json)
+    task = _federated_task(data_json, model.causal, num_clients, seed)
+    return encode(model, _tokenizer(model_json), task.partitions[client_id])
 
 
 @lru_cache(maxsize=4)
@@ -88,13 +95,13 @@ def _node_examples(config_json: str, data_path: str) -> Encoded:
 
 def test_examples(config: ExperimentConfig) -> Encoded:
     """The server's held-out split, tokenized."""
-    return _test_examples(shared_experiment(config).model_dump_json())
+    return _test_examples(*_data_key(config))
 
 
 @lru_cache(maxsize=4)
-def _test_examples(config_json: str) -> Encoded:
-    config = ExperimentConfig.model_validate_json(config_json)
-    return encode(config.model, tokenizer(config), federated_task(config).test)
+def _test_examples(data_json: str, model_json: str, num_clients: int, seed: int) -> Encoded:
+    model = _model_config(model_json)
+    return encode(model, _tokenizer(model_json), _federated_task(data_json, model.causal, num_clients, seed).test)
 
 
 def lora_model(config: ExperimentConfig, num_labels: int, rank: int | None = None) -> PeftModel:
@@ -141,6 +148,10 @@ def _model_json(config: ExperimentConfig, rank: int | None = None) -> str:
     """The model section as a cache key, for one adapter rank (default lora_rank, the server's):
     without the per-client ranks, which only say who trains which rank."""
     return config.model.model_copy(update={"lora_rank": rank or config.model.lora_rank, "client_ranks": None}).model_dump_json()
+
+
+def _model_config(model_json: str) -> ModelConfig:
+    return ExperimentConfig.model_validate({"model": _loads(model_json)}).model
 
 
 def _loads(text: str) -> dict:
