@@ -71,9 +71,9 @@ def client_examples(config: ExperimentConfig, client_id: int) -> Encoded:
 
 
 def _data_key(config: ExperimentConfig) -> tuple[str, str, int, int]:
-    """What decides the tokenized splits: the data, the model (its tokenizer and max_length), the
-    number of clients and the seed; not the training settings or the strategy, so the runs of a
-    sweep over those share one tokenization per process."""
+    """What decides the tokenized splits: the data, the model section (its tokenizer and
+    max_length among the rest), the number of clients and the seed; not the federation's training
+    settings or the strategy, so the runs of a sweep over those share one tokenization per process."""
     return config.data.model_dump_json(), _model_json(config), config.federation.num_clients, config.seed
 
 

@@ -72,11 +72,13 @@ def gram(x: Tensor) -> Tensor:
 
     numpy's matmul computes y y^T by syrk (half the products of a general matrix product;
     torch's matmul has no such case): on one core, about twice as fast as torch's on one.
-    x is widened to float64 a block of columns at a time, so that the copy stays in cache,
-    and the blocks are shared among torch.get_num_threads() Python threads (the cores the
-    ServerApp owns), each running OpenBLAS on one thread: OpenBLAS's own pool leaves its idle
-    workers spinning after a call, and beside torch's threads on two busy cores that slowed a
-    7B-shaped round ~40x. numpy releases the GIL for both steps.
+    x is widened to float64 a block of columns at a time, so that the copy stays in cache. The
+    blocks' Grams are summed in block order, whichever threads computed them, so the result is
+    the same to the bit on any thread count. Outside strategies/per_layer.py's threads (which
+    run torch on one thread each), the blocks are shared among torch.get_num_threads() Python
+    threads (the cores the ServerApp owns). OpenBLAS always runs on one thread: its own pool
+    leaves its idle workers spinning after a call, and beside torch's threads on two busy cores
+    that slowed a 7B-shaped round ~40x. numpy releases the GIL for both steps.
     """
     if x.device.type != "cpu":  # numpy's BLAS is the CPU's
         wide = x.to(_GRAM_DTYPE)
@@ -84,17 +86,16 @@ def gram(x: Tensor) -> Tensor:
     narrow, workers = x.detach().numpy(), torch.get_num_threads()
     starts = range(0, narrow.shape[1], _GRAM_BLOCK)
 
-    def partial(share: range) -> np.ndarray:
-        total = np.zeros((narrow.shape[0], narrow.shape[0]))
-        for start in share:
-            wide = narrow[:, start : start + _GRAM_BLOCK].astype(np.float64, order="K")
-            total += wide @ wide.T
-        return total
+    def block_gram(start: int) -> np.ndarray:
+        wide = narrow[:, start : start + _GRAM_BLOCK].astype(np.float64, order="K")
+        return wide @ wide.T
 
+    total = np.zeros((narrow.shape[0], narrow.shape[0]))
     with blas_pools().limit(limits=1, user_api="blas"):
-        if workers == 1 or len(starts) == 1:
-            return torch.from_numpy(partial(starts))
-        return torch.from_numpy(sum(_workers(workers).map(partial, [starts[i::workers] for i in range(workers)])))
+        serial = workers == 1 or len(starts) == 1
+        for block in map(block_gram, starts) if serial else _workers(workers).map(block_gram, starts):
+            total += block
+    return torch.from_numpy(total)
 
 
 @functools.cache

@@ -1,5 +1,9 @@
 """LoRA-FAIR's ridge path and the search along it (strategies/lora_fair.py, _cosine_solution).
 
+Its numpy arithmetic runs under np.errstate(all="ignore") (the callers' with-blocks): overflow
+and 0/0 at the extremes of the path are expected and handled (NaN counts as +inf), as they were
+silently in torch.
+
 The path B'(rho) = (kappa(rho) G + rho B̄)(H + rho I)^{-1} holds every stationary point of
 LoRA-FAIR's objective with a positive cosine; in H's eigenbasis the objective along it needs
 only r numbers per column kind, so the search costs O(r) a point whatever d_out is. Those
@@ -26,7 +30,8 @@ _FLAT = 4 * _EPS
 # The search: a log-spaced grid over rho with this many points per decade, from 1e-6 x the
 # smallest nonzero eigenvalue of Ā Ā^T to 1e12 x the largest (beyond it ||dB|| < ~1e-12 ||B̄||:
 # nothing left to gain), shifted down while its lowest point is its best, then refinements that
-# each narrow the bracket around the best point 16-fold.
+# each narrow the bracket around the best point 16-fold, until the objective is flat to rounding
+# over the bracket (_FLAT) or the refinements asked for are done.
 GRID_PER_DECADE = 8
 DECADES_BELOW, DECADES_ABOVE = 6, 12
 REFINE_POINTS = 33
@@ -67,9 +72,9 @@ class RidgePath:
 
     @classmethod
     def build(cls, g: Tensor, b_bar: Tensor, h: Tensor, dw_norm: float) -> RidgePath:
-        """Diagonalize H (float64) and precompute the column Grams of G V and B̄ V."""
-        eigenvalues, eigenvectors = torch.linalg.eigh(h)
-        g_rot, b_rot = g @ eigenvectors, b_bar @ eigenvectors
+        """Diagonalize H and precompute the column Grams of G V and B̄ V, all in float64."""
+        eigenvalues, eigenvectors = torch.linalg.eigh(h.to(torch.float64))
+        g_rot, b_rot = g.to(torch.float64) @ eigenvectors, b_bar.to(torch.float64) @ eigenvectors
         return cls(
             eigenvalues=_numpy(eigenvalues).clip(min=0),  # H is PSD; rounding may dip below 0
             eigenvectors=eigenvectors,

@@ -12,8 +12,8 @@ LoRA-FAIR and FedSVD (stacked Grams, a small solve; FedSVD's QRs of d x r factor
 RoLoRA (factors averaged exactly as peers do) have no dense counterpart here: time only.
 The factored round is timed whole, over --layers decoder layers (default 32, as Llama-7B): the
 strategies spread a round's layers over the ServerApp's threads (strategies/per_layer.py), so a
-round is not 32 times one layer. The decoder layers share one layer's tensors (memory), which
-the strategies compute afresh for each.
+round is not 32 times one layer. The decoder layers hold copies of one layer's values, each in
+its own memory.
 
     python -m tests.benchmarks.bench_hetero [--scale 1.0] [--clients 10] [--repeats 3] [--factored-only] [--threads 2] [--layers 32]
 
@@ -42,8 +42,8 @@ TARGETED, TARGET_7B_S = ("flora", "flexlora", "fedex_lora", "lora_fair", "fedsvd
 
 def states(scale: float, clients: int, seed: int = 0, layers: int = 1) -> tuple[LoraState, list[LoraState]]:
     """A global state and the clients' trained factors (A and B) for `layers` decoder layers,
-    dimensions times `scale`. Every decoder layer holds the same tensors (one layer's in memory:
-    32 real ones would take 1.6 GB for 10 clients); the strategies compute each afresh."""
+    dimensions times `scale`. Every decoder layer holds a copy of the same values, in its own
+    memory (1.6 GB for 32 layers of 10 clients), so that a round reads as much as a real one."""
     g = torch.Generator().manual_seed(seed)
     one_global = {}
     for i, (d_out, d_in) in enumerate(SHAPES):
@@ -61,7 +61,13 @@ def states(scale: float, clients: int, seed: int = 0, layers: int = 1) -> tuple[
     ]
 
     def repeated(one: dict[str, dict[str, torch.Tensor]]) -> LoraState:
-        return LoraState(factors={f"layers.{j}.{name}": parts for j in range(layers) for name, parts in one.items()})
+        return LoraState(
+            factors={
+                f"layers.{j}.{name}": {part: t.clone() for part, t in parts.items()}
+                for j in range(layers)
+                for name, parts in one.items()
+            }
+        )
 
     return repeated(one_global), [repeated(update) for update in one_updates]
 
