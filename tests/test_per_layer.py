@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -56,6 +57,23 @@ def test_a_failing_layer_raises_in_the_caller(torch_threads):
     with pytest.raises(ValueError, match="layer bad failed"):
         map_layers(work, ["a", "bad", "c"])
     assert torch.get_num_threads() == 2
+
+
+def test_after_a_failure_the_running_layers_finish_before_it_is_raised(torch_threads):
+    """Else a layer still running would compute with the thread counts already put back."""
+    torch.set_num_threads(2)
+    finished = threading.Event()
+
+    def work(layer: str) -> int:
+        if layer == "bad":
+            raise ValueError("layer bad failed")
+        time.sleep(0.3)
+        finished.set()
+        return 1
+
+    with pytest.raises(ValueError, match="layer bad failed"):
+        map_layers(work, ["bad", "slow"])
+    assert finished.is_set()
 
 
 def round_inputs(clients: int = 3, layers: int = 5, seed: int = 0) -> tuple[LoraState, list[LoraState], torch.Tensor]:
