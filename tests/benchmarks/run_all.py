@@ -17,6 +17,9 @@
 - simulation     (bench_simulation)    Flower's Ray engine vs a plain loop (a fresh process each);
                                        --full adds MiniLM (the embedded default) to the tiny BERT
 
+Not in it (minutes): bench_sweep_tier, a 20-run sweep of the from-scratch tier against its
+training floor (issue 28), and bench_sweep_ray.
+
 The quick sizes keep the whole run within a few minutes on two cores; --full uses each
 benchmark's own defaults (the dense SVDs of 7B-sized layers alone take minutes). Timings on a
 shared machine are noisy: the load average is printed at the start and end of every section.
