@@ -82,6 +82,42 @@ def test_the_server_evaluation_counts_its_own_predictions_into_the_confusion_mat
     assert (scores.accuracy, scores.loss) == evaluate(model, test, batch_size=7)
 
 
+class MeanTokenClassifier(torch.nn.Module):
+    """Logits from the mean of each text's own tokens (its mask): they depend on every token and
+    on the text's length, and not at all on padding."""
+
+    def __init__(self, vocab: int, classes: int) -> None:
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        mask = attention_mask[..., None].to(self.table.weight.dtype)
+        return SimpleNamespace(logits=(self.table(input_ids) * mask).sum(dim=1) / mask.sum(dim=1))
+
+
+def test_batches_of_similar_length_score_each_example_as_it_scores_alone(tiny) -> None:
+    """classify batches the examples by length (less padding): each one's prediction and loss
+    are still its own, as it gets them unpadded and alone."""
+    test = workspace.test_examples(tiny)
+    assert len(set(test.attention_mask.sum(dim=1).tolist())) > 3  # lengths that batching reorders
+    torch.manual_seed(0)
+    model = MeanTokenClassifier(int(test.input_ids.max()) + 1, 8)
+    scores = classify(model, test, batch_size=7)
+    truths, predicted, loss = [], [], 0.0
+    with torch.no_grad():
+        for i in range(len(test)):
+            alone = test.batch(torch.tensor([i]))
+            label = alone.pop("labels")
+            logits = model(**alone).logits
+            loss += float(torch.nn.functional.cross_entropy(logits, label, reduction="sum"))
+            truths.append(int(label))
+            predicted.append(int(logits.argmax()))
+    assert len(set(predicted)) > 3
+    brute = [[sum(1 for pair in zip(truths, predicted) if pair == (i, j)) for j in range(8)] for i in range(8)]
+    assert scores.confusion == brute
+    assert scores.loss == pytest.approx(loss / len(test), rel=1e-6)
+
+
 def test_the_worst_decile_is_the_mean_of_the_worst_tenth_of_the_clients() -> None:
     accuracies = {str(c): 0.5 + c / 100 for c in range(20)}
     accuracies["7"] = 0.1
