@@ -652,10 +652,12 @@ class OutputConfig(_Section):
         return trackers
 
 
-def _changed_from_default(privacy: PrivacyConfig, keys: Iterable[str]) -> list[str]:
-    """Those of `keys` set to other than their default. Against the default, not "was it given":
-    a dumped and re-read config gives every key."""
-    return [key for key in keys if getattr(privacy, key) != PrivacyConfig.model_fields[key].default]
+def _refuse_idle_keys(privacy: PrivacyConfig, keys: Iterable[str], kind: str, unless: str, fix: str) -> None:
+    """Refuse the first of `keys` set to other than its default: a `kind` that does nothing unless
+    `unless`. Against the default, not "was it given": a dumped and re-read config gives every key."""
+    idle = [key for key in keys if getattr(privacy, key) != PrivacyConfig.model_fields[key].default]
+    if idle:
+        raise ValueError(f"privacy.{idle[0]}: {kind}, which does nothing unless {unless}; {fix}, or remove the key")
 
 
 class ExperimentConfig(_Section):
@@ -759,12 +761,8 @@ class ExperimentConfig(_Section):
         """User-level DP's mechanism releases one noised step every round, whatever the replies (see fedlora/user_privacy.py)."""
         privacy = self.privacy
         if not privacy.user_level:
-            idle = _changed_from_default(privacy, USER_LEVEL_KEYS)
-            if idle:
-                raise ValueError(
-                    f"privacy.{idle[0]}: a user-level setting, which does nothing unless privacy.enabled = true and "
-                    "privacy.unit = 'user'; set both, or remove the key"
-                )
+            unless = "privacy.enabled = true and privacy.unit = 'user'"
+            _refuse_idle_keys(privacy, USER_LEVEL_KEYS, "a user-level setting", unless, "set both")
             return
         self._fits_adaptive_clip()
         if self.federation.min_replies != 1:
@@ -785,12 +783,8 @@ class ExperimentConfig(_Section):
         """Adaptive clipping's settings only with it on; and only with central noise, where the server sees each update."""
         privacy = self.privacy
         if not privacy.adaptive_clip:
-            idle = _changed_from_default(privacy, ADAPTIVE_CLIP_KEYS)
-            if idle:
-                raise ValueError(
-                    f"privacy.{idle[0]}: an adaptive clipping setting, which does nothing unless privacy.adaptive_clip = "
-                    "true; set it, or remove the key"
-                )
+            unless = "privacy.adaptive_clip = true"
+            _refuse_idle_keys(privacy, ADAPTIVE_CLIP_KEYS, "an adaptive clipping setting", unless, "set it")
         elif privacy.noise != "central":
             # Under distributed noise the updates arrive noised: the server cannot tell which were under the
             # clip, and a client's own bit would be a claim it cannot check (fedlora/adaptive_clip.py).

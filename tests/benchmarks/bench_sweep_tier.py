@@ -97,4 +97,7 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        print(f"--rounds {args.rounds}: at least 1", file=sys.stderr)
+        raise SystemExit(2)
     main(args.rounds, args.out)
